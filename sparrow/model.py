@@ -1,0 +1,369 @@
+"""A Llama-style decoder: token embeddings, pre-norm blocks of GQA attention with RoPE and a SwiGLU MLP,
+final RMSNorm and an LM head (optionally tied to the embeddings).
+
+Every norm, rotary and attention call goes through :mod:`sparrow.ops`, so the kernels are swapped with one
+argument (``SparrowForCausalLM(config, backend="triton")`` or :func:`sparrow.patch`). Module and parameter
+names follow Hugging Face's ``LlamaForCausalLM``, and so do the config fields, which makes export a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from . import ops
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class SparrowConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads ({self.num_attention_heads})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads: {self.num_key_value_heads} must divide num_attention_heads ({self.num_attention_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"hidden_size: head_dim {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, ignore_unknown: bool = False) -> "SparrowConfig":
+        known = set(cls.field_names())
+        unknown = sorted(set(values) - known)
+        if unknown and not ignore_unknown:
+            raise ValueError(f"config: unknown keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "SparrowConfig":
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config as Hugging Face's LlamaConfig reads it."""
+        return {
+            **self.to_dict(),
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "head_dim": self.head_dim,
+        }
+
+    def num_parameters(self) -> int:
+        h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        kv = self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return L * per_layer + embeddings + h
+
+
+# Presets by name. `tiny` trains in minutes on 2 CPU cores; `26m` is the size the Chinese tiny-LLM projects
+# start with; `124m` is GPT-2-small class; `1b` is TinyLlama's shape.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "26m": dict(vocab_size=6400, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
+    "124m": dict(vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, max_position_embeddings=2048, tie_word_embeddings=True),
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False),
+}
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor
+    loss: Tensor | None = None
+
+
+def positions_from_cu_seqlens(cu_seqlens: Tensor, num_tokens: int) -> Tensor:
+    """Position of each packed token within its own document (restarting at 0 for each)."""
+    tokens = torch.arange(num_tokens, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True).clamp_max(cu_seqlens.numel() - 2)
+    return tokens - cu_seqlens.long()[doc]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+        self.backend: str | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
+
+    def add_and_norm(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm(x + residual), x + residual)."""
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps, backend=self.backend)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of shape (rotary_dim // 2,) per position, built once up to max_position_embeddings."""
+
+    def __init__(self, config: SparrowConfig):
+        super().__init__()
+        half = config.head_dim // 2
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
+        angles = torch.outer(torch.arange(config.max_position_embeddings, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos_cached", angles.cos().float(), persistent=False)
+        self.register_buffer("sin_cached", angles.sin().float(), persistent=False)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return self.cos_cached[positions].to(dtype), self.sin_cached[positions].to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: SparrowConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.backend: str | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k = ops.apply_rope(q, k, cos, sin, backend=self.backend)
+        if cu_seqlens is None:
+            out = ops.attention(q, k, v, causal=True, backend=self.backend)
+        else:
+            out = ops.attention_varlen(
+                q.reshape(b * t, self.num_heads, self.head_dim),
+                k.reshape(b * t, self.num_kv_heads, self.head_dim),
+                v.reshape(b * t, self.num_kv_heads, self.head_dim),
+                cu_seqlens, max_seqlen, causal=True, backend=self.backend,
+            )
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: SparrowConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: SparrowConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
+                cu_seqlens: Tensor | None, max_seqlen: int | None) -> tuple[Tensor, Tensor]:
+        # The residual stream is carried separately so each add fuses with the norm that follows it.
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, cu_seqlens, max_seqlen)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class SparrowModel(nn.Module):
+    def __init__(self, config: SparrowConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, hidden.dtype)
+        residual = None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden, residual = checkpoint(layer, hidden, residual, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                hidden, residual = layer(hidden, residual, cos, sin, cu_seqlens, max_seqlen)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        hidden, _ = self.norm.add_and_norm(hidden, residual)
+        return hidden
+
+
+class SparrowForCausalLM(nn.Module):
+    def __init__(self, config: SparrowConfig, backend: str | None = None):
+        super().__init__()
+        self.config = config
+        self.model = SparrowModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+        # Scaled init (GPT-2): each residual branch's output projection shrinks with depth so the residual
+        # stream's variance stays put as layers are added.
+        residual_std = config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+        for layer in self.model.layers:
+            nn.init.normal_(layer.self_attn.o_proj.weight, std=residual_std)
+            nn.init.normal_(layer.mlp.down_proj.weight, std=residual_std)
+        patch(self, backend)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+
+    @property
+    def backend(self) -> str | None:
+        return self.model.norm.backend
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        *,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
+        position_ids: Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Logits for ``input_ids`` (batch, seq), and the next-token loss when ``labels`` is given.
+
+        ``labels`` are aligned with ``input_ids`` (as in Hugging Face: the shift happens here) and -100 marks
+        positions without a loss. ``cu_seqlens`` (int32, over the batch * seq flattened tokens) marks packed
+        document boundaries: attention stays inside each document and positions restart at each; pass
+        ``max_seqlen`` (the longest document) to avoid a host sync.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected (batch, seq), got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if position_ids is None:
+            if cu_seqlens is None:
+                position_ids = torch.arange(t, device=input_ids.device)
+            else:
+                position_ids = positions_from_cu_seqlens(cu_seqlens, b * t).view(b, t)
+        if cu_seqlens is not None and max_seqlen is None:
+            max_seqlen = int(cu_seqlens.diff().max())
+        if t > self.config.max_position_embeddings or (max_seqlen is not None and max_seqlen > self.config.max_position_embeddings):
+            raise ValueError(f"input_ids: sequence length {max(t, max_seqlen or 0)} exceeds max_position_embeddings ({self.config.max_position_embeddings})")
+        hidden = self.model(input_ids, position_ids, cu_seqlens, max_seqlen)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    # ------------------------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors``; each file lands atomically (temp + rename)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # shared with the embeddings; safetensors refuses aliases
+        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata={"format": "pt"}))
+        _atomic_write(directory / CONFIG_NAME,
+                      lambda path: path.write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, backend: str | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "SparrowForCausalLM":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name}: not found (expected a folder written by save_pretrained)")
+        config = SparrowConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()), ignore_unknown=True)
+        model = cls(config, backend=backend)
+        state = load_file(str(directory / WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        if set(missing) - allowed_missing or unexpected:
+            raise ValueError(f"{directory / WEIGHTS_NAME}: missing {sorted(set(missing) - allowed_missing)}, unexpected {sorted(unexpected)}")
+        return model.to(device=device, dtype=dtype)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100 (computed in float32)."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def patch(model: nn.Module, backend: str | None) -> nn.Module:
+    """Swap the ops backend of every Sparrow module in ``model``, in place; ``None`` follows
+    :func:`sparrow.ops.use_backend` / ``$SPARROW_BACKEND``. Returns the model."""
+    if backend is not None and backend not in (*ops.BACKENDS, "auto"):
+        raise ValueError(f"backend: must be one of {(*ops.BACKENDS, 'auto')} or None, got {backend!r}")
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, Attention)):
+            module.backend = backend
+    return model

@@ -1,0 +1,207 @@
+"""Sparrow's ops layer: the only way the model touches normalisation, rotary embeddings and attention.
+
+Every op has a pure-PyTorch reference (:mod:`sparrow.ops.reference`, the ground truth) and fast backends
+with the same signature. Choose one per call (``backend="triton"``), per region
+(``with sparrow.ops.use_backend("cuda"):``), per process (``SPARROW_BACKEND=cuda``), or leave "auto", which
+takes the fastest backend that can handle the inputs on their device.
+
+Arguments are checked here, once, for every backend: a wrong shape, dtype or device is a ``ValueError``
+naming the argument. Backend-specific limits (a head dim a kernel lacks, a non-contiguous input) are checked
+by the backend and reported the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .registry import (
+    BACKENDS,
+    available_backends,
+    backend_error,
+    get_backend,
+    load_backends,
+    register,
+    resolve,
+    set_auto_order,
+    use_backend,
+)
+
+__all__ = [
+    "BACKENDS",
+    "apply_rope",
+    "attention",
+    "attention_varlen",
+    "available_backends",
+    "backend_error",
+    "fused_add_rms_norm",
+    "get_backend",
+    "register",
+    "rms_norm",
+    "set_auto_order",
+    "use_backend",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        _fail(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        _fail(f"{name}: dtype must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def _check_same_device(reference_name: str, reference: Tensor, **others: Tensor) -> None:
+    for name, t in others.items():
+        if t.device != reference.device:
+            _fail(f"{name}: on {t.device} but {reference_name} is on {reference.device}")
+
+
+def _check_rms_norm(x: Tensor, weight: Tensor, eps: float) -> None:
+    _check_float("x", x)
+    _check_float("weight", weight)
+    _check_same_device("x", x, weight=weight)
+    if x.dim() < 1:
+        _fail("x: expected at least 1 dimension")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        _fail(f"weight: expected shape ({x.shape[-1]},) to match the last dim of x, got {tuple(weight.shape)}")
+    if not eps > 0:
+        _fail(f"eps: must be positive, got {eps}")
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str | None = None) -> Tensor:
+    """``x / sqrt(mean(x**2, -1) + eps) * weight`` over the last dim, accumulated in float32."""
+    _check_rms_norm(x, weight, eps)
+    return resolve("rms_norm", backend, x.device, (x, weight, eps))(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(rms_norm(x + residual), x + residual)``: the residual add of a pre-norm block fused with
+    the next norm, so the sum is read once."""
+    _check_rms_norm(x, weight, eps)
+    _check_float("residual", residual)
+    _check_same_device("x", x, residual=residual)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        _fail(f"residual: expected shape {tuple(x.shape)} and dtype {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
+    return resolve("fused_add_rms_norm", backend, x.device, (x, residual, weight, eps))(x, residual, weight, eps)
+
+
+def _check_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        _check_float(name, t)
+    _check_same_device("q", q, k=k, cos=cos, sin=sin)
+    if q.dim() != 4:
+        _fail(f"q: expected (batch, seq, heads, head_dim), got {q.dim()} dims")
+    if k.dim() != 4 or k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[3]:
+        _fail(f"k: expected (batch, seq, kv_heads, head_dim) = ({q.shape[0]}, {q.shape[1]}, *, {q.shape[3]}), got {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        _fail(f"k: dtype {k.dtype} does not match q dtype {q.dtype}")
+    if cos.shape != sin.shape:
+        _fail(f"sin: shape {tuple(sin.shape)} does not match cos shape {tuple(cos.shape)}")
+    batch, seq, _, head_dim = q.shape
+    if cos.dim() == 2:
+        leading_ok = cos.shape[0] == seq
+    elif cos.dim() == 3:
+        leading_ok = cos.shape[0] == batch and cos.shape[1] == seq
+    else:
+        leading_ok = False
+    if not leading_ok:
+        _fail(f"cos: expected (seq, rotary_dim // 2) or (batch, seq, rotary_dim // 2) with seq={seq}, batch={batch}, got {tuple(cos.shape)}")
+    if cos.shape[-1] < 1 or 2 * cos.shape[-1] > head_dim:
+        _fail(f"cos: last dim is rotary_dim // 2 and must be in [1, head_dim // 2 = {head_dim // 2}], got {cos.shape[-1]}")
+
+
+def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Rotary embeddings, rotate-half convention (as HF Llama), applied to q and k.
+
+    q: (batch, seq, heads, head_dim); k: (batch, seq, kv_heads, head_dim); cos, sin: (seq, rotary_dim // 2)
+    or (batch, seq, rotary_dim // 2), the latter for per-token positions of packed documents. Channels past
+    ``rotary_dim`` pass through unchanged.
+    """
+    _check_rope(q, k, cos, sin)
+    return resolve("apply_rope", backend, q.device, (q, k, cos, sin))(q, k, cos, sin)
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, rank: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+        if t.dim() != rank:
+            _fail(f"{name}: expected {layout}, got {t.dim()} dims")
+    _check_same_device("q", q, k=k, v=v)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        _fail(f"k, v: dtypes {k.dtype}, {v.dtype} must match q dtype {q.dtype}")
+    if k.shape != v.shape:
+        _fail(f"v: shape {tuple(v.shape)} must match k shape {tuple(k.shape)}")
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if q.shape[-1] != k.shape[-1]:
+        _fail(f"k: head_dim {k.shape[-1]} does not match q head_dim {q.shape[-1]}")
+    if kv_heads < 1 or heads % kv_heads != 0:
+        _fail(f"k: kv_heads ({kv_heads}) must divide q heads ({heads})")
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None, *, backend: str | None = None
+) -> Tensor:
+    """Scaled dot-product attention with GQA.
+
+    q: (batch, q_len, heads, head_dim); k, v: (batch, kv_len, kv_heads, head_dim), kv_heads dividing heads.
+    ``q_len`` may be shorter than ``kv_len``: the queries are then the last positions, and the causal mask is
+    aligned bottom-right, as decoding against a KV cache needs. ``scale`` defaults to ``head_dim ** -0.5``.
+    """
+    _check_qkv(q, k, v, 4, "(batch, seq, heads, head_dim)")
+    if k.shape[0] != q.shape[0]:
+        _fail(f"k: batch {k.shape[0]} does not match q batch {q.shape[0]}")
+    if causal and q.shape[1] > k.shape[1]:
+        _fail(f"q: causal attention needs q_len <= kv_len, got {q.shape[1]} > {k.shape[1]}")
+    return resolve("attention", backend, q.device, (q, k, v, causal, scale))(q, k, v, causal, scale)
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    causal: bool = True,
+    scale: float | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Attention over packed documents, as flash-attention's varlen API.
+
+    q, k, v: (tokens, heads | kv_heads, head_dim); ``cu_seqlens`` int32 (docs + 1,), starting at 0 and
+    non-decreasing, document i spanning tokens ``cu_seqlens[i]:cu_seqlens[i+1]``; ``max_seqlen`` the longest
+    document. No token attends outside its document.
+    """
+    _check_qkv(q, k, v, 3, "(tokens, heads, head_dim)")
+    if k.shape[0] != q.shape[0]:
+        _fail(f"k: {k.shape[0]} tokens but q has {q.shape[0]}")
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        _fail("cu_seqlens: expected a 1-D torch.int32 tensor")
+    if cu_seqlens.shape[0] < 2:
+        _fail("cu_seqlens: needs at least 2 entries (0 and the total)")
+    _check_same_device("q", q, cu_seqlens=cu_seqlens)
+    if not isinstance(max_seqlen, int) or max_seqlen < 1:
+        _fail(f"max_seqlen: expected a positive int, got {max_seqlen!r}")
+    if not torch.compiler.is_compiling():
+        # These need the values, i.e. a host sync; under torch.compile they would break the graph.
+        lengths = cu_seqlens.diff()
+        if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()):
+            _fail("cu_seqlens: must start at 0 and be non-decreasing")
+        if int(cu_seqlens[-1]) > q.shape[0]:
+            _fail(f"cu_seqlens: last entry {int(cu_seqlens[-1])} exceeds the {q.shape[0]} tokens")
+        if int(lengths.max()) > max_seqlen:
+            _fail(f"max_seqlen: {max_seqlen} is shorter than the longest document ({int(lengths.max())})")
+    return resolve("attention_varlen", backend, q.device, (q, k, v, cu_seqlens, max_seqlen, causal, scale))(
+        q, k, v, cu_seqlens, max_seqlen, causal, scale
+    )
+
+
+load_backends()

@@ -1,0 +1,807 @@
+#include "bpe/encoder.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <queue>
+#include <unordered_map>
+
+#include "bpe/json.h"
+#include "bpe/unicode.h"
+
+namespace sparrow::bpe {
+
+namespace {
+
+inline uint64_t load64(const unsigned char* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+inline uint64_t mix(uint64_t h) {
+  h ^= h >> 32;
+  h *= 0x9E3779B97F4A7C15ull;
+  h ^= h >> 29;
+  return h;
+}
+
+// Fast hash of short byte strings (pieces are mostly < 16 bytes).
+inline uint64_t hash_bytes(const unsigned char* p, size_t n) {
+  uint64_t h = 0x243F6A8885A308D3ull ^ (n * 0x9E3779B97F4A7C15ull);
+  while (n >= 8) {
+    h = (h ^ load64(p)) * 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 31;
+    p += 8;
+    n -= 8;
+  }
+  // The 1-7 byte tail without a byte-by-byte copy: two overlapping 4-byte loads, or for 1-3 bytes the
+  // first, middle and last byte (together they cover every byte; the length is mixed in above).
+  uint64_t w;
+  if (n >= 4) {
+    uint32_t lo, hi;
+    std::memcpy(&lo, p, 4);
+    std::memcpy(&hi, p + n - 4, 4);
+    w = (static_cast<uint64_t>(lo) << 32) | hi;
+  } else if (n) {
+    w = (static_cast<uint64_t>(p[0]) << 16) | (static_cast<uint64_t>(p[n >> 1]) << 8) | p[n - 1];
+  } else {
+    return mix(h);
+  }
+  h = (h ^ w ^ (static_cast<uint64_t>(n) << 59)) * 0x94D049BB133111EBull;
+  return mix(h);
+}
+
+inline size_t next_pow2(size_t n) {
+  size_t c = 16;
+  while (c < n) c <<= 1;
+  return c;
+}
+
+constexpr uint32_t kNoRank = 0xFFFFFFFFu;
+
+}  // namespace
+
+// Open-addressing tables: (left_id, right_id) -> (rank, merged_id), and token bytes -> id.
+struct Encoder::Tables {
+  struct PairSlot {
+    uint64_t key;  // left << 32 | right; kEmpty when free
+    uint32_t rank;
+    uint32_t merged;
+  };
+  static constexpr uint64_t kEmpty = ~0ull;
+  std::vector<PairSlot> pairs;
+  size_t pair_mask = 0;
+  size_t pair_count = 0;
+
+  // Tokens up to kInline bytes (nearly all) are compared in the slot itself, saving the cache miss of
+  // fetching the token's std::string on every whole-piece lookup.
+  static constexpr size_t kInline = 16;
+  struct TokSlot {
+    uint64_t hash;
+    uint32_t id;  // kNoRank when free
+    uint32_t len;
+    unsigned char bytes[kInline];
+  };
+  std::vector<TokSlot> toks;
+  size_t tok_mask = 0;
+  size_t tok_count = 0;
+  const std::vector<std::string>* id_bytes = nullptr;
+
+  // Special-token trie: node -> sorted (byte, child); terminal special index or -1.
+  struct Node {
+    std::vector<std::pair<unsigned char, int>> next;
+    int special = -1;
+  };
+  std::vector<Node> trie;
+  bool first_byte[256] = {};
+  bool any_nonspecial_added = false;
+
+  void init_pairs(size_t expected) {
+    pairs.assign(next_pow2(expected * 2 + 1), PairSlot{kEmpty, 0, 0});
+    pair_mask = pairs.size() - 1;
+  }
+  void put_pair(uint32_t l, uint32_t r, uint32_t rank, uint32_t merged) {
+    if ((pair_count + 1) * 2 > pairs.size()) {
+      std::vector<PairSlot> old;
+      old.swap(pairs);
+      pairs.assign(old.size() * 2, PairSlot{kEmpty, 0, 0});
+      pair_mask = pairs.size() - 1;
+      pair_count = 0;
+      for (const auto& s : old)
+        if (s.key != kEmpty) put_pair(static_cast<uint32_t>(s.key >> 32), static_cast<uint32_t>(s.key), s.rank, s.merged);
+    }
+    const uint64_t key = (static_cast<uint64_t>(l) << 32) | r;
+    size_t i = mix(key) & pair_mask;
+    while (pairs[i].key != kEmpty && pairs[i].key != key) i = (i + 1) & pair_mask;
+    if (pairs[i].key == kEmpty) ++pair_count;
+    pairs[i] = PairSlot{key, rank, merged};  // a repeated pair keeps the last entry, as HF's map does
+  }
+  inline const PairSlot* find_pair(uint32_t l, uint32_t r) const {
+    const uint64_t key = (static_cast<uint64_t>(l) << 32) | r;
+    size_t i = mix(key) & pair_mask;
+    while (true) {
+      const PairSlot& s = pairs[i];
+      if (s.key == key) return &s;
+      if (s.key == kEmpty) return nullptr;
+      i = (i + 1) & pair_mask;
+    }
+  }
+
+  void build_tokens(const std::vector<std::string>& bytes, const std::vector<uint8_t>& kind) {
+    id_bytes = &bytes;
+    size_t n = 0;
+    for (uint8_t k : kind) n += (k != 0);
+    toks.assign(next_pow2(n * 2 + 1), TokSlot{0, kNoRank, 0, {}});
+    tok_mask = toks.size() - 1;
+    for (uint32_t id = 0; id < bytes.size(); ++id) {
+      if (!kind[id]) continue;
+      const std::string& b = bytes[id];
+      const uint64_t h = hash_bytes(reinterpret_cast<const unsigned char*>(b.data()), b.size());
+      size_t i = h & tok_mask;
+      bool dup = false;
+      while (toks[i].id != kNoRank) {
+        if (toks[i].hash == h && bytes[toks[i].id] == b) {
+          dup = true;  // first id wins (regular tokens are added before added tokens)
+          break;
+        }
+        i = (i + 1) & tok_mask;
+      }
+      if (!dup) {
+        toks[i] = TokSlot{h, id, static_cast<uint32_t>(b.size()), {}};
+        std::memcpy(toks[i].bytes, b.data(), std::min(b.size(), kInline));
+      }
+    }
+  }
+  inline int64_t find_token(const unsigned char* p, size_t n) const { return find_token(p, n, hash_bytes(p, n)); }
+  inline int64_t find_token(const unsigned char* p, size_t n, uint64_t h) const {
+    size_t i = h & tok_mask;
+    while (true) {
+      const TokSlot& s = toks[i];
+      if (s.id == kNoRank) return -1;
+      if (s.hash == h && s.len == n &&
+          std::memcmp(n <= kInline ? s.bytes : reinterpret_cast<const unsigned char*>((*id_bytes)[s.id].data()), p, n) == 0)
+        return s.id;
+      i = (i + 1) & tok_mask;
+    }
+  }
+};
+
+namespace {
+std::atomic<uint32_t> g_next_uid{1};
+}  // namespace
+
+Encoder::Encoder() : t_(new Tables), uid_(g_next_uid.fetch_add(1)) {
+  std::fill(std::begin(byte_id_), std::end(byte_id_), 0u);
+  std::fill(std::begin(byte_present_), std::end(byte_present_), false);
+}
+Encoder::~Encoder() = default;
+
+void Encoder::add_token(uint32_t id, std::string bytes, uint8_t kind) {
+  // Ids index a dense table, so a corrupt file with id 2e9 would ask for tens of GB. Real vocabularies
+  // have small gaps at most (cl100k's specials); allow 1M ids of slack beyond the entry count.
+  if (id >= id_limit_)
+    throw FormatError("token id " + std::to_string(id) + " is implausibly large for a vocabulary of " +
+                      std::to_string(id_limit_ - kIdSlack) + " entries");
+  if (id >= id_bytes_.size()) {
+    id_bytes_.resize(static_cast<size_t>(id) + 1);
+    id_kind_.resize(static_cast<size_t>(id) + 1, 0);
+  }
+  if (id_kind_[id] == 1 && kind == 1 && id_bytes_[id] != bytes)
+    throw FormatError("token id " + std::to_string(id) + " is assigned twice");
+  if (kind == 1 && bytes.size() == 1) {
+    const unsigned char b = static_cast<unsigned char>(bytes[0]);
+    if (!byte_present_[b]) {
+      byte_present_[b] = true;
+      byte_id_[b] = id;
+    }
+  }
+  // An added token that is also a model token (BpeTrainer puts specials in both) stays decodable as
+  // its content; both agree since the content is the token's bytes.
+  if (id_kind_[id] == 0 || kind == 2) {
+    id_bytes_[id] = std::move(bytes);
+    id_kind_[id] = std::max<uint8_t>(id_kind_[id], kind);
+  }
+}
+
+void Encoder::add_merge(uint32_t left, uint32_t right, uint32_t rank, uint32_t merged) {
+  t_->put_pair(left, right, rank, merged);
+  ++num_merges_;
+}
+
+void Encoder::finish(const std::vector<SpecialToken>& specials) {
+  specials_ = specials;
+  for (const auto& sp : specials_) {
+    if (sp.text.empty()) throw FormatError("empty special token");
+    add_token(sp.id, sp.text, 2);
+  }
+  t_->build_tokens(id_bytes_, id_kind_);
+  t_->trie.assign(1, Tables::Node{});
+  for (size_t k = 0; k < specials_.size(); ++k) {
+    const std::string& s = specials_[k].text;
+    if (!specials_[k].special) t_->any_nonspecial_added = true;
+    t_->first_byte[static_cast<unsigned char>(s[0])] = true;
+    int node = 0;
+    for (unsigned char c : s) {
+      auto& nx = t_->trie[node].next;
+      auto it = std::lower_bound(nx.begin(), nx.end(), std::make_pair(c, -1));
+      if (it != nx.end() && it->first == c) {
+        node = it->second;
+      } else {
+        int child = static_cast<int>(t_->trie.size());
+        nx.insert(it, std::make_pair(c, child));
+        t_->trie.emplace_back();
+        node = child;
+      }
+    }
+    if (t_->trie[node].special < 0) t_->trie[node].special = static_cast<int>(k);
+  }
+}
+
+int64_t Encoder::token_id(std::string_view bytes) const {
+  return t_->find_token(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Loading
+
+namespace {
+
+// GPT-2's byte <-> printable-character map used by byte-level tokenizer.json vocabularies.
+struct ByteLevelMap {
+  int byte_of[324];  // code point -> byte, -1 when not a byte-level char (all such chars are < 324)
+  ByteLevelMap() {
+    std::fill(std::begin(byte_of), std::end(byte_of), -1);
+    int extra = 0;
+    for (int b = 0; b < 256; ++b) {
+      const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+      byte_of[printable ? b : 256 + extra++] = b;
+    }
+  }
+  // Byte-level string -> raw bytes; false when some char is not byte-level.
+  bool decode(const std::string& s, std::string& out) const {
+    out.clear();
+    const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+    size_t i = 0;
+    while (i < s.size()) {
+      Decoded d = decode_utf8(p, s.size(), i);
+      if (d.cp >= 324 || byte_of[d.cp] < 0) return false;
+      out += static_cast<char>(byte_of[d.cp]);
+      i += d.len;
+    }
+    return true;
+  }
+};
+
+const ByteLevelMap& byte_level() {
+  static const ByteLevelMap m;
+  return m;
+}
+
+uint32_t as_id(const json::Value& v, const char* what) {
+  if (v.type != json::Value::kNumber || v.number < 0 || v.number > 0x7FFFFFFF || v.number != static_cast<uint32_t>(v.number))
+    throw FormatError(std::string("tokenizer.json: ") + what + " is not a valid token id");
+  return static_cast<uint32_t>(v.number);
+}
+
+bool truthy(const json::Value* v) { return v && v->type == json::Value::kBool && v->boolean; }
+bool null_or_empty(const json::Value* v) {
+  return !v || v->is_null() || (v->type == json::Value::kString && v->str.empty());
+}
+
+void check_pre_tokenizer(const json::Value* pt) {
+  if (!pt || pt->is_null())
+    throw FormatError("tokenizer.json: no pre_tokenizer; only byte-level BPE (ByteLevel pre-tokenizer) is supported");
+  const json::Value* type = pt->get("type");
+  std::string t = type && type->type == json::Value::kString ? type->str : "";
+  if (t == "Sequence") {
+    const json::Value* list = pt->get("pretokenizers");
+    if (list && list->type == json::Value::kArray && list->items.size() == 1) return check_pre_tokenizer(&list->items[0]);
+    throw FormatError("tokenizer.json: unsupported pre_tokenizer Sequence (only [ByteLevel] is supported)");
+  }
+  if (t != "ByteLevel") throw FormatError("tokenizer.json: unsupported pre_tokenizer '" + t + "' (want ByteLevel)");
+  if (truthy(pt->get("add_prefix_space")))
+    throw FormatError("tokenizer.json: ByteLevel add_prefix_space=true is not supported");
+  const json::Value* use_regex = pt->get("use_regex");
+  if (use_regex && use_regex->type == json::Value::kBool && !use_regex->boolean)
+    throw FormatError("tokenizer.json: ByteLevel use_regex=false is not supported");
+}
+
+int b64val(unsigned char c) {
+  if (c >= 'A' && c <= 'Z') return c - 'A';
+  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+  if (c >= '0' && c <= '9') return c - '0' + 52;
+  if (c == '+') return 62;
+  if (c == '/') return 63;
+  return -1;
+}
+
+bool base64_decode(std::string_view in, std::string& out) {
+  out.clear();
+  if (in.size() % 4 != 0 || in.empty()) return false;
+  for (size_t i = 0; i < in.size(); i += 4) {
+    int v[4];
+    int pad = 0;
+    for (int k = 0; k < 4; ++k) {
+      unsigned char c = static_cast<unsigned char>(in[i + k]);
+      if (c == '=' && i + 4 == in.size() && k >= 2) {
+        v[k] = 0;
+        ++pad;
+      } else {
+        if (pad) return false;
+        v[k] = b64val(c);
+        if (v[k] < 0) return false;
+      }
+    }
+    uint32_t w = (v[0] << 18) | (v[1] << 12) | (v[2] << 6) | v[3];
+    out += static_cast<char>(w >> 16);
+    if (pad < 2) out += static_cast<char>((w >> 8) & 0xFF);
+    if (pad < 1) out += static_cast<char>(w & 0xFF);
+  }
+  return true;
+}
+
+}  // namespace
+
+std::unique_ptr<Encoder> Encoder::from_hf_json(std::string_view text) {
+  json::Value doc = json::parse(text);
+  if (doc.type != json::Value::kObject) throw FormatError("tokenizer.json: top level is not an object");
+  const json::Value* model = doc.get("model");
+  if (!model || model->type != json::Value::kObject) throw FormatError("tokenizer.json: no model");
+  const json::Value* mtype = model->get("type");
+  if (mtype && !(mtype->type == json::Value::kString && mtype->str == "BPE"))
+    throw FormatError("tokenizer.json: model type is not BPE");
+  if (truthy(model->get("byte_fallback"))) throw FormatError("tokenizer.json: byte_fallback BPE is not supported");
+  const json::Value* dropout = model->get("dropout");
+  if (dropout && !dropout->is_null()) throw FormatError("tokenizer.json: BPE dropout is not supported");
+  if (!null_or_empty(model->get("continuing_subword_prefix")) || !null_or_empty(model->get("end_of_word_suffix")))
+    throw FormatError("tokenizer.json: continuing_subword_prefix / end_of_word_suffix are not supported");
+  const json::Value* normalizer = doc.get("normalizer");
+  if (normalizer && !normalizer->is_null()) throw FormatError("tokenizer.json: normalizers are not supported");
+  check_pre_tokenizer(doc.get("pre_tokenizer"));
+
+  const json::Value* vocab = model->get("vocab");
+  const json::Value* merges = model->get("merges");
+  if (!vocab || vocab->type != json::Value::kObject) throw FormatError("tokenizer.json: model.vocab is not an object");
+  if (!merges || merges->type != json::Value::kArray) throw FormatError("tokenizer.json: model.merges is not a list");
+
+  std::unique_ptr<Encoder> enc(new Encoder);
+  enc->pattern_ = Pattern::kGpt2;
+  enc->whole_piece_lookup_ = truthy(model->get("ignore_merges"));
+  const json::Value* added_list = doc.get("added_tokens");
+  enc->id_limit_ = vocab->members.size() + (added_list ? added_list->items.size() : 0) + kIdSlack;
+
+  // Added tokens first: their vocab entries need not be byte-level strings.
+  std::vector<SpecialToken> specials;
+  std::unordered_map<std::string, uint32_t> added_content;
+  if (const json::Value* added = doc.get("added_tokens"); added && added->type == json::Value::kArray) {
+    for (const auto& a : added->items) {
+      const json::Value* id = a.get("id");
+      const json::Value* content = a.get("content");
+      if (!id || !content || content->type != json::Value::kString)
+        throw FormatError("tokenizer.json: added token without id/content");
+      if (truthy(a.get("lstrip")) || truthy(a.get("rstrip")) || truthy(a.get("single_word")))
+        throw FormatError("tokenizer.json: added token '" + content->str + "' uses lstrip/rstrip/single_word (unsupported)");
+      const bool special = truthy(a.get("special"));
+      const json::Value* normalized = a.get("normalized");
+      const bool norm = normalized && normalized->type == json::Value::kBool ? normalized->boolean : !special;
+      specials.push_back(SpecialToken{content->str, as_id(*id, "added token id"), special, norm});
+      added_content.emplace(content->str, specials.back().id);
+    }
+  }
+
+  const ByteLevelMap& bl = byte_level();
+  std::unordered_map<std::string, uint32_t> str_to_id;
+  str_to_id.reserve(vocab->members.size() * 2);
+  std::string raw;
+  for (const auto& m : vocab->members) {
+    uint32_t id = as_id(m.second, "vocab entry");
+    str_to_id[m.first] = id;
+    if (bl.decode(m.first, raw)) {
+      enc->add_token(id, raw, 1);
+    } else if (!added_content.count(m.first)) {
+      throw FormatError("tokenizer.json: vocab entry is not a byte-level token: " + m.first);
+    }
+  }
+
+  enc->t_->init_pairs(merges->items.size());
+  uint32_t rank = 0;
+  for (const auto& mv : merges->items) {
+    std::string a, b;
+    if (mv.type == json::Value::kString) {
+      size_t sp = mv.str.find(' ');
+      if (sp == std::string::npos || mv.str.find(' ', sp + 1) != std::string::npos)
+        throw FormatError("tokenizer.json: bad merge '" + mv.str + "'");
+      a = mv.str.substr(0, sp);
+      b = mv.str.substr(sp + 1);
+    } else if (mv.type == json::Value::kArray && mv.items.size() == 2 && mv.items[0].type == json::Value::kString &&
+               mv.items[1].type == json::Value::kString) {
+      a = mv.items[0].str;
+      b = mv.items[1].str;
+    } else {
+      throw FormatError("tokenizer.json: bad merge entry");
+    }
+    auto ia = str_to_id.find(a), ib = str_to_id.find(b), im = str_to_id.find(a + b);
+    if (ia == str_to_id.end() || ib == str_to_id.end() || im == str_to_id.end())
+      throw FormatError("tokenizer.json: merge '" + a + " " + b + "' refers to tokens missing from the vocab");
+    enc->add_merge(ia->second, ib->second, rank++, im->second);
+  }
+  enc->finish(specials);
+  return enc;
+}
+
+std::unique_ptr<Encoder> Encoder::from_tiktoken(std::string_view contents, Pattern pattern,
+                                                const std::vector<std::pair<std::string, uint32_t>>& specials) {
+  std::unique_ptr<Encoder> enc(new Encoder);
+  enc->pattern_ = pattern;
+  enc->whole_piece_lookup_ = true;  // tiktoken returns a piece's own rank before running BPE
+  enc->id_limit_ = static_cast<size_t>(std::count(contents.begin(), contents.end(), '\n')) + 1 + specials.size() + kIdSlack;
+  std::string raw;
+  size_t pos = 0, line_no = 0;
+  while (pos < contents.size()) {
+    size_t eol = contents.find('\n', pos);
+    if (eol == std::string_view::npos) eol = contents.size();
+    std::string_view line = contents.substr(pos, eol - pos);
+    pos = eol + 1;
+    ++line_no;
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    if (line.empty()) continue;
+    size_t sp = line.find(' ');
+    auto bad = [&]() { return FormatError(".tiktoken line " + std::to_string(line_no) + " is not '<base64> <rank>'"); };
+    if (sp == std::string_view::npos || sp + 1 >= line.size()) throw bad();
+    if (!base64_decode(line.substr(0, sp), raw)) throw bad();
+    uint64_t rank = 0;
+    for (char c : line.substr(sp + 1)) {
+      if (c < '0' || c > '9' || rank > 0x7FFFFFFF) throw bad();
+      rank = rank * 10 + (c - '0');
+    }
+    if (rank > 0x7FFFFFFF) throw bad();
+    if (static_cast<uint32_t>(rank) < enc->id_kind_.size() && enc->id_kind_[rank])
+      throw FormatError(".tiktoken line " + std::to_string(line_no) + ": rank " + std::to_string(rank) + " repeated");
+    enc->add_token(static_cast<uint32_t>(rank), raw, 1);
+  }
+  if (enc->id_bytes_.empty()) throw FormatError(".tiktoken file has no tokens");
+  for (int b = 0; b < 256; ++b)
+    if (!enc->byte_present_[b]) throw FormatError(".tiktoken vocabulary lacks the single byte " + std::to_string(b));
+  // tiktoken merges two adjacent parts when their concatenation is a token, by that token's rank.
+  // Every split of a token into two tokens is such a pair, so listing them all gives an id-pair table
+  // that decides exactly like tiktoken's byte-string lookups.
+  enc->t_->build_tokens(enc->id_bytes_, enc->id_kind_);
+  enc->t_->init_pairs(enc->id_bytes_.size() * 4);
+  for (uint32_t id = 0; id < enc->id_bytes_.size(); ++id) {
+    if (enc->id_kind_[id] != 1) continue;
+    const std::string& b = enc->id_bytes_[id];
+    const auto* p = reinterpret_cast<const unsigned char*>(b.data());
+    for (size_t k = 1; k < b.size(); ++k) {
+      int64_t l = enc->t_->find_token(p, k);
+      if (l < 0) continue;
+      int64_t r = enc->t_->find_token(p + k, b.size() - k);
+      if (r < 0) continue;
+      enc->add_merge(static_cast<uint32_t>(l), static_cast<uint32_t>(r), id, id);
+    }
+  }
+  std::vector<SpecialToken> sp;
+  for (const auto& s : specials) {
+    if (s.second < enc->id_kind_.size() && enc->id_kind_[s.second] == 1)
+      throw FormatError("special token " + s.first + " reuses the id of a regular token: " + std::to_string(s.second));
+    sp.push_back(SpecialToken{s.first, s.second, true, false});
+  }
+  enc->finish(sp);
+  return enc;
+}
+
+std::unique_ptr<Encoder> Encoder::from_vocab_and_merges(const std::vector<std::string>& vocab,
+                                                        const std::vector<std::pair<uint32_t, uint32_t>>& merges,
+                                                        Pattern pattern, bool whole_piece_lookup,
+                                                        const std::vector<SpecialToken>& specials) {
+  std::unique_ptr<Encoder> enc(new Encoder);
+  enc->pattern_ = pattern;
+  enc->whole_piece_lookup_ = whole_piece_lookup;
+  enc->id_limit_ = vocab.size() + specials.size() + kIdSlack;
+  for (uint32_t id = 0; id < vocab.size(); ++id) enc->add_token(id, vocab[id], 1);
+  enc->t_->build_tokens(enc->id_bytes_, enc->id_kind_);
+  enc->t_->init_pairs(merges.size());
+  uint32_t rank = 0;
+  for (const auto& m : merges) {
+    if (m.first >= vocab.size() || m.second >= vocab.size()) throw FormatError("merge refers to an unknown id");
+    const std::string joined = vocab[m.first] + vocab[m.second];
+    int64_t merged = enc->t_->find_token(reinterpret_cast<const unsigned char*>(joined.data()), joined.size());
+    if (merged < 0) throw FormatError("merge result is not in the vocabulary");
+    enc->add_merge(m.first, m.second, rank++, static_cast<uint32_t>(merged));
+  }
+  enc->finish(specials);
+  return enc;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Encoding
+
+void Encoder::encode_piece(std::string_view piece, std::vector<uint32_t>& out) const {
+  bpe(reinterpret_cast<const unsigned char*>(piece.data()), piece.size(), out);
+}
+
+void Encoder::bpe(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
+  if (n == 0) return;
+  if (n == 1) {
+    if (byte_present_[s[0]]) out.push_back(byte_id_[s[0]]);
+    return;
+  }
+  bpe_hashed(s, n, whole_piece_lookup_ ? hash_bytes(s, n) : 0, out);
+}
+
+void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::vector<uint32_t>& out) const {
+  if (whole_piece_lookup_) {
+    int64_t id = t_->find_token(s, n, hash);
+    if (id >= 0) {
+      out.push_back(static_cast<uint32_t>(id));
+      return;
+    }
+  }
+  // Quadratic scan over an array: for short pieces (nearly all of them) it beats any heap.
+  constexpr size_t kSmall = 96;
+  if (n > kSmall) return bpe_large(s, n, out);
+  uint32_t sym[kSmall];
+  uint32_t rank[kSmall];  // rank[i]: pair (sym[i], sym[i+1])
+  uint32_t merged[kSmall];
+  size_t m = 0;
+  for (size_t i = 0; i < n; ++i)
+    if (byte_present_[s[i]]) sym[m++] = byte_id_[s[i]];  // HF drops bytes that have no token
+  const Tables& t = *t_;
+  auto look = [&](size_t i) {
+    const Tables::PairSlot* p = t.find_pair(sym[i], sym[i + 1]);
+    if (p) {
+      rank[i] = p->rank;
+      merged[i] = p->merged;
+    } else {
+      rank[i] = kNoRank;
+    }
+  };
+  if (m == 0) return;
+  for (size_t i = 0; i + 1 < m; ++i) look(i);
+  while (m > 1) {
+    uint32_t best = kNoRank;
+    size_t bi = 0;
+    for (size_t i = 0; i + 1 < m; ++i) {
+      if (rank[i] < best) {  // strict: the leftmost of equal ranks wins, as in tiktoken and HF
+        best = rank[i];
+        bi = i;
+      }
+    }
+    if (best == kNoRank) break;
+    sym[bi] = merged[bi];
+    const size_t tail = m - bi - 2;  // symbols after the removed one
+    std::memmove(sym + bi + 1, sym + bi + 2, tail * sizeof(uint32_t));
+    if (tail > 1) {  // pairs right of the merge shift with their symbols
+      std::memmove(rank + bi + 1, rank + bi + 2, (tail - 1) * sizeof(uint32_t));
+      std::memmove(merged + bi + 1, merged + bi + 2, (tail - 1) * sizeof(uint32_t));
+    }
+    --m;
+    if (bi > 0) look(bi - 1);
+    if (bi + 1 < m) look(bi);
+  }
+  out.insert(out.end(), sym, sym + m);
+}
+
+// O(n log n) BPE for long pieces (a megabyte of one letter is a single piece): a heap of candidate
+// pairs ordered by (rank, position) over a doubly linked list of symbols. Entries are validated when
+// popped instead of being deleted when they go stale.
+void Encoder::bpe_large(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
+  // Positions are 32-bit to keep the heap small; a single 4 GiB piece is not a tokenization input.
+  if (n >= 0xFFFFFFFFu) throw std::length_error("a pre-tokenized piece of 4 GiB or more cannot be encoded");
+  std::vector<uint32_t> sym;
+  sym.reserve(n);
+  for (size_t i = 0; i < n; ++i)
+    if (byte_present_[s[i]]) sym.push_back(byte_id_[s[i]]);
+  const size_t m = sym.size();
+  if (m == 0) return;
+  constexpr uint32_t kNone = 0xFFFFFFFFu;
+  std::vector<uint32_t> prev(m), next(m);
+  std::vector<uint8_t> alive(m, 1);
+  for (size_t i = 0; i < m; ++i) {
+    prev[i] = i == 0 ? kNone : static_cast<uint32_t>(i - 1);
+    next[i] = i + 1 == m ? kNone : static_cast<uint32_t>(i + 1);
+  }
+  struct Cand {
+    uint32_t rank, pos, left, right, merged;
+    bool operator>(const Cand& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
+  };
+  std::priority_queue<Cand, std::vector<Cand>, std::greater<Cand>> heap;
+  const Tables& t = *t_;
+  auto push = [&](uint32_t i) {
+    if (i == kNone || next[i] == kNone) return;
+    const Tables::PairSlot* p = t.find_pair(sym[i], sym[next[i]]);
+    if (p) heap.push(Cand{p->rank, i, sym[i], sym[next[i]], p->merged});
+  };
+  for (uint32_t i = 0; i + 1 < m; ++i) push(i);
+  while (!heap.empty()) {
+    Cand c = heap.top();
+    heap.pop();
+    const uint32_t i = c.pos;
+    if (!alive[i] || sym[i] != c.left || next[i] == kNone || sym[next[i]] != c.right) continue;
+    const uint32_t j = next[i];
+    sym[i] = c.merged;
+    alive[j] = 0;
+    next[i] = next[j];
+    if (next[j] != kNone) prev[next[j]] = i;
+    push(prev[i]);
+    push(i);
+  }
+  for (uint32_t i = 0; i != kNone; i = next[i]) out.push_back(sym[i]);
+}
+
+namespace {
+
+// Per-thread cache of recent pieces -> ids. Text is Zipfian: a few thousand pieces (" the", "\n    ",
+// "的") make up most of it, and hitting this small table avoids both the BPE and the cache misses of
+// the vocabulary-sized hash tables. Entries carry the encoder's uid, so encoders never see each
+// other's entries and nothing needs clearing.
+struct PieceCache {
+  static constexpr size_t kEntries = 8192;
+  static constexpr size_t kMaxBytes = 64;
+  static constexpr size_t kMaxIds = 10;
+  struct Entry {
+    uint64_t hash;
+    uint32_t owner;  // 0: empty
+    uint8_t len;
+    uint8_t nids;
+    uint8_t pad[2];
+    uint32_t ids[kMaxIds];
+    unsigned char bytes[kMaxBytes];
+  };  // 120 bytes: two cache lines
+  Entry entries[kEntries];
+};
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+PieceCache& thread_cache() {
+  // Heap-allocated: a 1 MiB thread_local array would not fit the static TLS of a dlopen()ed module.
+  // calloc of this size maps fresh zero pages, so a short-lived batch worker pays only for the
+  // entries it touches.
+  static thread_local std::unique_ptr<PieceCache, FreeDeleter> cache;
+  if (!cache) {
+    cache.reset(static_cast<PieceCache*>(std::calloc(1, sizeof(PieceCache))));
+    if (!cache) throw std::bad_alloc();
+  }
+  return *cache;
+}
+
+}  // namespace
+
+void Encoder::encode_span(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
+  PieceCache& cache = thread_cache();
+  size_t i = 0;
+  while (i < n) {
+    const size_t e = next_piece(pattern_, s, n, i);
+    const size_t len = e - i;
+    const unsigned char* p = s + i;
+    i = e;
+    if (len == 1) {
+      if (byte_present_[p[0]]) out.push_back(byte_id_[p[0]]);
+      continue;
+    }
+    if (len > PieceCache::kMaxBytes) {
+      bpe(p, len, out);
+      continue;
+    }
+    const uint64_t h = hash_bytes(p, len);
+    PieceCache::Entry& entry = cache.entries[(h >> 20) & (PieceCache::kEntries - 1)];
+    if (entry.hash == h && entry.owner == uid_ && entry.len == len && std::memcmp(entry.bytes, p, len) == 0) {
+      out.insert(out.end(), entry.ids, entry.ids + entry.nids);
+      continue;
+    }
+    const size_t before = out.size();
+    bpe_hashed(p, len, h, out);
+    const size_t produced = out.size() - before;
+    if (produced <= PieceCache::kMaxIds) {
+      entry.hash = h;
+      entry.owner = uid_;
+      entry.len = static_cast<uint8_t>(len);
+      entry.nids = static_cast<uint8_t>(produced);
+      std::memcpy(entry.ids, out.data() + before, produced * sizeof(uint32_t));
+      std::memcpy(entry.bytes, p, len);
+    }
+  }
+}
+
+std::pair<size_t, size_t> Encoder::find_special(std::string_view text, size_t from, const std::vector<char>& usable) const {
+  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+  const size_t n = text.size();
+  const Tables& t = *t_;
+  for (size_t i = from; i < n; ++i) {
+    if (!t.first_byte[s[i]]) continue;
+    int node = 0;
+    int best = -1;
+    for (size_t j = i; j < n; ++j) {
+      const auto& nx = t.trie[node].next;
+      auto it = std::lower_bound(nx.begin(), nx.end(), std::make_pair(s[j], -1));
+      if (it == nx.end() || it->first != s[j]) break;
+      node = it->second;
+      int k = t.trie[node].special;
+      if (k >= 0 && usable[k]) best = k;
+    }
+    if (best >= 0) return {i, static_cast<size_t>(best)};
+  }
+  return {std::string_view::npos, 0};
+}
+
+void Encoder::encode(std::string_view text, const std::vector<char>& allowed, bool check_disallowed,
+                     std::vector<uint32_t>& out) const {
+  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+  if (specials_.empty()) return encode_span(s, text.size(), out);
+  if (allowed.size() != specials_.size()) throw std::invalid_argument("allowed mask has the wrong size");
+  std::vector<char> usable(specials_.size());
+  bool any_usable = false;
+  std::vector<char> forbidden(specials_.size());
+  bool any_forbidden = false;
+  for (size_t k = 0; k < specials_.size(); ++k) {
+    usable[k] = !specials_[k].special || allowed[k];
+    forbidden[k] = check_disallowed && specials_[k].special && !allowed[k];
+    any_usable |= static_cast<bool>(usable[k]);
+    any_forbidden |= static_cast<bool>(forbidden[k]);
+  }
+  if (any_forbidden) {
+    // Like tiktoken: a disallowed special anywhere in the text is an error, even inside another match.
+    auto hit = find_special(text, 0, forbidden);
+    if (hit.first != std::string_view::npos) throw DisallowedSpecialError(specials_[hit.second].text);
+  }
+  if (!any_usable) return encode_span(s, text.size(), out);
+  std::vector<char> first(specials_.size()), second(specials_.size());
+  bool any_first = false, any_second = false;
+  for (size_t k = 0; k < specials_.size(); ++k) {
+    first[k] = usable[k] && !specials_[k].normalized;
+    second[k] = usable[k] && specials_[k].normalized;
+    any_first |= static_cast<bool>(first[k]);
+    any_second |= static_cast<bool>(second[k]);
+  }
+  if (!any_first) return encode_added(text, second, any_second, out);
+  size_t pos = 0;
+  while (pos < text.size()) {
+    auto hit = find_special(text, pos, first);
+    if (hit.first == std::string_view::npos) {
+      encode_added(text.substr(pos), second, any_second, out);
+      break;
+    }
+    encode_added(text.substr(pos, hit.first - pos), second, any_second, out);
+    out.push_back(specials_[hit.second].id);
+    pos = hit.first + specials_[hit.second].text.size();
+  }
+}
+
+void Encoder::encode_added(std::string_view seg, const std::vector<char>& mask, bool any, std::vector<uint32_t>& out) const {
+  const auto* s = reinterpret_cast<const unsigned char*>(seg.data());
+  if (!any) return encode_span(s, seg.size(), out);
+  size_t pos = 0;
+  while (pos < seg.size()) {
+    auto hit = find_special(seg, pos, mask);
+    if (hit.first == std::string_view::npos) {
+      encode_span(s + pos, seg.size() - pos, out);
+      return;
+    }
+    encode_span(s + pos, hit.first - pos, out);
+    out.push_back(specials_[hit.second].id);
+    pos = hit.first + specials_[hit.second].text.size();
+  }
+}
+
+void Encoder::encode_ordinary(std::string_view text, std::vector<uint32_t>& out) const {
+  if (!t_->any_nonspecial_added) {
+    encode_span(reinterpret_cast<const unsigned char*>(text.data()), text.size(), out);
+    return;
+  }
+  std::vector<char> none(specials_.size(), 0);
+  encode(text, none, false, out);
+}
+
+void Encoder::decode(const uint32_t* ids, size_t n, std::string& out) const {
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t id = ids[i];
+    if (!has_id(id)) throw std::out_of_range("token id " + std::to_string(id) + " is not in the vocabulary");
+    out += id_bytes_[id];
+  }
+}
+
+}  // namespace sparrow::bpe

@@ -1,0 +1,41 @@
+// Hand-written equivalents of the GPT-2, cl100k and o200k split regexes (no regex engine).
+//
+// Each function returns the end of the piece that the regex (as tiktoken / HF tokenizers execute it,
+// leftmost-first alternation with backtracking) matches at position i. Pieces partition the input:
+// every byte belongs to exactly one piece, for any input bytes (invalid UTF-8 counts as "other").
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+namespace sparrow::bpe {
+
+enum class Pattern {
+  // '(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s
+  // (tiktoken r50k/p50k). HF's ByteLevel(use_regex=True) pattern, with \s+(?!\S)|\s+ and no \s++$, splits
+  // every input identically (tests/test_tokenizer_pretokenize.py checks it), so one mode serves both.
+  kGpt2,
+  // '(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s
+  kCl100k,
+  // tiktoken's o200k_base pattern (case-aware words with contraction suffixes, \s*[\r\n]+, no \s++$).
+  kO200k,
+};
+
+// "gpt2" (aliases r50k, p50k), "cl100k", "o200k"; throws std::invalid_argument otherwise.
+Pattern pattern_from_name(const std::string& name);
+const char* pattern_name(Pattern p);
+
+size_t next_piece(Pattern p, const unsigned char* s, size_t n, size_t i);
+
+// Calls f(begin, end) for each piece of s[0..n).
+template <class F>
+inline void for_each_piece(Pattern p, const unsigned char* s, size_t n, F&& f) {
+  size_t i = 0;
+  while (i < n) {
+    size_t e = next_piece(p, s, n, i);
+    f(i, e);
+    i = e;
+  }
+}
+
+}  // namespace sparrow::bpe

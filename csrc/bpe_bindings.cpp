@@ -1,0 +1,269 @@
+// Python bindings of the C++ BPE core: the extension module sparrow._bpe.
+// The Python-facing API (allowed_special sets, file reading, errors) lives in sparrow/tokenizer/.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bpe/encoder.h"
+#include "bpe/pretokenize.h"
+#include "bpe/unicode.h"
+
+namespace py = pybind11;
+using sparrow::bpe::Encoder;
+using sparrow::bpe::Pattern;
+
+namespace {
+
+// Texts at least this long are encoded without the GIL (other Python threads run meanwhile); for
+// shorter ones releasing and re-taking it would cost more than the encode.
+constexpr size_t kReleaseGilBytes = 2048;
+
+// UTF-8 view of a Python str without copying (CPython caches it in the object). Lone surrogates make
+// CPython raise UnicodeEncodeError, which propagates as is.
+std::string_view utf8_view(const py::handle& obj) {
+  if (!PyUnicode_Check(obj.ptr())) throw py::type_error("expected str, got " + std::string(Py_TYPE(obj.ptr())->tp_name));
+  Py_ssize_t size = 0;
+  const char* data = PyUnicode_AsUTF8AndSize(obj.ptr(), &size);
+  if (!data) throw py::error_already_set();
+  return std::string_view(data, static_cast<size_t>(size));
+}
+
+py::list to_list(const std::vector<uint32_t>& ids) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(ids.size()));
+  if (!list) throw py::error_already_set();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    PyObject* v = PyLong_FromUnsignedLong(ids[i]);
+    if (!v) {
+      Py_DECREF(list);
+      throw py::error_already_set();
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), v);
+  }
+  return py::reinterpret_steal<py::list>(list);
+}
+
+std::vector<uint32_t> to_ids(const py::iterable& ids, size_t vocab_size) {
+  std::vector<uint32_t> out;
+  if (PyList_Check(ids.ptr()) || PyTuple_Check(ids.ptr())) out.reserve(static_cast<size_t>(py::len(ids)));
+  for (const auto& h : ids) {
+    long long v = PyLong_AsLongLong(h.ptr());
+    if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (v < 0 || static_cast<unsigned long long>(v) >= vocab_size)
+      throw py::index_error("token id " + std::to_string(v) + " is out of range (vocab size " + std::to_string(vocab_size) + ")");
+    out.push_back(static_cast<uint32_t>(v));
+  }
+  return out;
+}
+
+// Texts released from the GIL: views stay valid because `keep` holds the str objects.
+struct Batch {
+  std::vector<py::object> keep;
+  std::vector<std::string_view> views;
+};
+
+Batch collect(const py::iterable& texts) {
+  Batch b;
+  for (const auto& t : texts) {
+    b.views.push_back(utf8_view(t));
+    b.keep.push_back(py::reinterpret_borrow<py::object>(t));
+  }
+  return b;
+}
+
+size_t thread_count(py::object num_threads, size_t work_items) {
+  size_t n = 0;
+  if (num_threads.is_none()) {
+    n = std::max(1u, std::thread::hardware_concurrency());
+  } else {
+    long long v = num_threads.cast<long long>();
+    if (v < 1) throw py::value_error("num_threads must be >= 1");
+    n = static_cast<size_t>(v);
+  }
+  return std::max<size_t>(1, std::min(n, work_items));
+}
+
+// Runs fn(i) for i in [0, count) on `threads` threads; the first exception is rethrown.
+template <class F>
+void parallel_for(size_t count, size_t threads, F&& fn) {
+  std::atomic<size_t> next{0};
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+  auto worker = [&]() {
+    while (!failed.load(std::memory_order_relaxed)) {
+      size_t i = next.fetch_add(1);
+      if (i >= count) return;
+      try {
+        fn(i);
+      } catch (...) {
+        if (!failed.exchange(true)) error = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (size_t k = 1; k < threads; ++k) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+}
+
+std::vector<char> mask_from(const Encoder& e, const std::vector<bool>& allowed) {
+  if (allowed.size() != e.specials().size()) throw py::value_error("allowed mask has the wrong length");
+  return std::vector<char>(allowed.begin(), allowed.end());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_bpe, m) {
+  m.doc() = "Sparrow's C++ byte-level BPE encoder (see sparrow.tokenizer for the Python API).";
+
+  // Both derive from ValueError, so callers can catch them generically.
+  py::register_exception<sparrow::bpe::DisallowedSpecialError>(m, "DisallowedSpecialError", PyExc_ValueError);
+  py::register_exception<sparrow::bpe::FormatError>(m, "FormatError", PyExc_ValueError);
+
+  m.def("pretokenize", [](py::handle text, const std::string& pattern) {
+        const Pattern p = sparrow::bpe::pattern_from_name(pattern);
+        std::string_view s = utf8_view(text);
+        py::list out;
+        const auto* u = reinterpret_cast<const unsigned char*>(s.data());
+        sparrow::bpe::for_each_piece(p, u, s.size(), [&](size_t b, size_t e) {
+          out.append(py::str(s.data() + b, e - b));
+        });
+        return out;
+      },
+      py::arg("text"), py::arg("pattern"),
+      "Split text into pieces with a built-in pattern ('gpt2', 'cl100k', 'o200k'), as the regex would.");
+
+  m.def("char_flags_table", []() {
+        std::string t(0x110000, '\0');
+        for (uint32_t cp = 0; cp < 0x110000; ++cp) t[cp] = static_cast<char>(sparrow::bpe::char_flags(cp));
+        return py::bytes(t);
+      },
+      "Flags of every code point (bit 0 letter, 1 number, 2 whitespace, 3 o200k upper class, 4 o200k lower class, 5 mark).");
+
+  m.def("pattern_name", [](const std::string& name) { return std::string(sparrow::bpe::pattern_name(sparrow::bpe::pattern_from_name(name))); },
+        "Canonical name of a split pattern; raises ValueError for unknown names.");
+
+  py::class_<Encoder>(m, "Encoder")
+      .def_static("from_hf_json", [](py::bytes data) {
+            std::string s = data;
+            py::gil_scoped_release nogil;
+            return Encoder::from_hf_json(s);
+          }, py::arg("contents"))
+      .def_static("from_tiktoken", [](py::bytes data, const std::string& pattern, const std::map<std::string, uint32_t>& specials) {
+            std::string s = data;
+            const Pattern p = sparrow::bpe::pattern_from_name(pattern);
+            std::vector<std::pair<std::string, uint32_t>> sp(specials.begin(), specials.end());
+            std::sort(sp.begin(), sp.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+            py::gil_scoped_release nogil;
+            return Encoder::from_tiktoken(s, p, sp);
+          }, py::arg("contents"), py::arg("pattern"), py::arg("special_tokens"))
+      .def("encode_ordinary", [](const Encoder& e, py::handle text) {
+            std::string_view s = utf8_view(text);
+            std::vector<uint32_t> out;
+            out.reserve(s.size() / 3 + 4);
+            if (s.size() >= kReleaseGilBytes) {
+              py::gil_scoped_release nogil;
+              e.encode_ordinary(s, out);
+            } else {
+              e.encode_ordinary(s, out);
+            }
+            return to_list(out);
+          }, py::arg("text"))
+      .def("encode", [](const Encoder& e, py::handle text, const std::vector<bool>& allowed, bool check_disallowed) {
+            std::string_view s = utf8_view(text);
+            std::vector<char> mask = mask_from(e, allowed);
+            std::vector<uint32_t> out;
+            out.reserve(s.size() / 3 + 4);
+            if (s.size() >= kReleaseGilBytes) {
+              py::gil_scoped_release nogil;
+              e.encode(s, mask, check_disallowed, out);
+            } else {
+              e.encode(s, mask, check_disallowed, out);
+            }
+            return to_list(out);
+          }, py::arg("text"), py::arg("allowed"), py::arg("check_disallowed"))
+      .def("encode_batch", [](const Encoder& e, const py::iterable& texts, const std::vector<bool>& allowed,
+                              bool check_disallowed, bool ordinary, py::object num_threads) {
+            Batch b = collect(texts);
+            std::vector<char> mask = ordinary ? std::vector<char>() : mask_from(e, allowed);
+            std::vector<std::vector<uint32_t>> outs(b.views.size());
+            const size_t threads = thread_count(num_threads, b.views.size());
+            {
+              py::gil_scoped_release nogil;
+              parallel_for(b.views.size(), threads, [&](size_t i) {
+                outs[i].reserve(b.views[i].size() / 3 + 4);
+                if (ordinary) e.encode_ordinary(b.views[i], outs[i]);
+                else e.encode(b.views[i], mask, check_disallowed, outs[i]);
+              });
+            }
+            py::list result(b.views.size());
+            for (size_t i = 0; i < outs.size(); ++i) result[i] = to_list(outs[i]);
+            return result;
+          }, py::arg("texts"), py::arg("allowed"), py::arg("check_disallowed"), py::arg("ordinary"), py::arg("num_threads"))
+      .def("encode_documents", [](const Encoder& e, const py::iterable& texts, int64_t separator, py::object num_threads) {
+            // Corpus tokenization: the ids of every text (ordinary encoding) each followed by
+            // `separator` (when >= 0), concatenated into one uint32 array.
+            Batch b = collect(texts);
+            std::vector<std::vector<uint32_t>> outs(b.views.size());
+            const size_t threads = thread_count(num_threads, b.views.size());
+            size_t total = 0;
+            {
+              py::gil_scoped_release nogil;
+              parallel_for(b.views.size(), threads, [&](size_t i) {
+                outs[i].reserve(b.views[i].size() / 3 + 4);
+                e.encode_ordinary(b.views[i], outs[i]);
+                if (separator >= 0) outs[i].push_back(static_cast<uint32_t>(separator));
+              });
+              for (const auto& o : outs) total += o.size();
+            }
+            py::array_t<uint32_t> arr(static_cast<py::ssize_t>(total));
+            uint32_t* dst = arr.mutable_data();
+            for (const auto& o : outs) {
+              std::copy(o.begin(), o.end(), dst);
+              dst += o.size();
+            }
+            return arr;
+          }, py::arg("texts"), py::arg("separator"), py::arg("num_threads"))
+      .def("decode_bytes", [](const Encoder& e, const py::iterable& ids) {
+            std::vector<uint32_t> v = to_ids(ids, e.vocab_size());
+            std::string out;
+            {
+              py::gil_scoped_release nogil;
+              e.decode(v.data(), v.size(), out);
+            }
+            return py::bytes(out);
+          }, py::arg("ids"))
+      .def("encode_piece", [](const Encoder& e, py::bytes piece) {
+            std::string s = piece;
+            std::vector<uint32_t> out;
+            e.encode_piece(s, out);
+            return to_list(out);
+          }, py::arg("piece"), "BPE of one pre-tokenized piece (bytes), without splitting.")
+      .def("token_to_id", [](const Encoder& e, py::bytes token) -> py::object {
+            std::string s = token;
+            int64_t id = e.token_id(s);
+            if (id < 0) return py::none();
+            return py::int_(id);
+          }, py::arg("token"))
+      .def("id_to_token", [](const Encoder& e, int64_t id) {
+            if (id < 0 || !e.has_id(static_cast<uint32_t>(id)))
+              throw py::index_error("token id " + std::to_string(id) + " is not in the vocabulary");
+            return py::bytes(e.id_bytes(static_cast<uint32_t>(id)));
+          }, py::arg("id"))
+      .def_property_readonly("vocab_size", &Encoder::vocab_size)
+      .def_property_readonly("num_merges", &Encoder::num_merges)
+      .def_property_readonly("pattern", [](const Encoder& e) { return std::string(sparrow::bpe::pattern_name(e.pattern())); })
+      .def_property_readonly("special_tokens", [](const Encoder& e) {
+            py::list out;
+            for (const auto& s : e.specials()) out.append(py::make_tuple(py::str(s.text), s.id, s.special));
+            return out;
+          }, "List of (text, id, special) for added tokens; special=False ones are always split out.");
+}

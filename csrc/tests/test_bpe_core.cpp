@@ -1,0 +1,130 @@
+// Unit tests of the BPE core: pre-tokenizer pieces, BPE merges, special tokens, loaders' error paths.
+#include <string>
+#include <vector>
+
+#include "bpe/encoder.h"
+#include "bpe/json.h"
+#include "bpe/pretokenize.h"
+#include "bpe/unicode.h"
+#include "bpe_test_util.h"
+
+using namespace sparrow::bpe;
+
+namespace {
+
+std::vector<std::string> pieces(Pattern p, const std::string& s) {
+  std::vector<std::string> out;
+  for_each_piece(p, reinterpret_cast<const unsigned char*>(s.data()), s.size(),
+                 [&](size_t b, size_t e) { out.push_back(s.substr(b, e - b)); });
+  return out;
+}
+
+using V = std::vector<std::string>;
+
+void test_pretokenize() {
+  // Expected pieces are those of the reference regexes (checked against tiktoken in the Python tests).
+  CHECK((pieces(Pattern::kGpt2, "Hello world's 123 !!  x  ") == V{"Hello", " world", "'s", " 123", " !!", " ", " x", "  "}));
+  CHECK((pieces(Pattern::kGpt2, "I'M") == V{"I", "'", "M"}));  // gpt2 contractions are case-sensitive
+  CHECK((pieces(Pattern::kCl100k, "I'M 12345 \n\nfoo") == V{"I", "'M", " ", "123", "45", " \n\n", "foo"}));
+  CHECK((pieces(Pattern::kCl100k, "x  \n ") == V{"x", "  \n "}));  // \s++$ takes the whole tail
+  CHECK((pieces(Pattern::kCl100k, "'\xC5\xBF") == V{"'\xC5\xBF"}));  // (?i)s matches U+017F
+  CHECK((pieces(Pattern::kCl100k, "\"hello") == V{"\"hello"}));
+  CHECK((pieces(Pattern::kO200k, "HTTPServer camelCase") == V{"HTTPServer", " camel", "Case"}));
+  CHECK((pieces(Pattern::kO200k, "HeLLo") == V{"He", "LLo"}));
+  CHECK((pieces(Pattern::kO200k, "they'RE") == V{"they'RE"}));
+  CHECK((pieces(Pattern::kO200k, "x  \n ") == V{"x", "  \n", " "}));  // no \s++$ in o200k
+  CHECK((pieces(Pattern::kO200k, "a//b\n") == V{"a", "//", "b", "\n"}));
+  // Chinese is one letter run; the ideographic space is whitespace.
+  CHECK((pieces(Pattern::kCl100k, "\xE4\xB8\xAD\xE6\x96\x87\xE3\x80\x80x") == V{"\xE4\xB8\xAD\xE6\x96\x87", "\xE3\x80\x80x"}));
+  CHECK(pieces(Pattern::kGpt2, "").empty());
+  CHECK_THROWS(pattern_from_name("gpt5"), std::invalid_argument);
+  CHECK(pattern_from_name("cl100k_base") == Pattern::kCl100k);
+  CHECK(char_flags('a') & kLetter);
+  CHECK(char_flags(0x4E2D) & kLetter);
+  CHECK(char_flags(0x0663) & kNumber);
+  CHECK(char_flags(0x3000) & kSpace);
+  CHECK(char_flags(0x85) & kSpace);
+  CHECK(!(char_flags(0x1C) & kSpace));  // not White_Space, although Python's isspace() says so
+  CHECK(char_flags(0x0301) & kMark);
+  CHECK(char_flags(0x110000) == 0);
+}
+
+void test_bpe_merges() {
+  bpe_test::TinyVocab v({{"a", "b"}, {"ab", "c"}, {"a", "a"}, {"aa", "aa"}, {" ", "ab"}});
+  auto enc = Encoder::from_vocab_and_merges(v.vocab, v.merges, Pattern::kGpt2, false, {});
+  std::vector<uint32_t> ids;
+  enc->encode_ordinary("abc ab aaaaa", ids);
+  const uint32_t abc = v.find("abc"), sp_ab = v.find(" ab"), aaaa = v.find("aaaa");
+  CHECK((ids == std::vector<uint32_t>{abc, sp_ab, static_cast<uint32_t>(' '), aaaa, static_cast<uint32_t>('a')}));
+  // Equal-rank pairs merge leftmost first: "aaa" -> "aa" + "a".
+  ids.clear();
+  enc->encode_piece("aaa", ids);
+  CHECK((ids == std::vector<uint32_t>{v.find("aa"), 'a'}));
+  // The heap path (long pieces) agrees with the array path.
+  std::string longa(5000, 'a');
+  ids.clear();
+  enc->encode_piece(longa, ids);
+  CHECK(ids.size() == 1250);
+  std::string round;
+  enc->decode(ids.data(), ids.size(), round);
+  CHECK(round == longa);
+  std::string shorta(90, 'a');
+  std::vector<uint32_t> small_ids;
+  enc->encode_piece(shorta, small_ids);
+  std::vector<uint32_t> big_ids;
+  enc->encode_piece(std::string(200, 'a'), big_ids);
+  CHECK(small_ids.size() == 23 && big_ids.size() == 50);
+  uint32_t bad = static_cast<uint32_t>(v.vocab.size() + 3);
+  std::string out;
+  CHECK_THROWS(enc->decode(&bad, 1, out), std::out_of_range);
+}
+
+void test_specials() {
+  bpe_test::TinyVocab v(std::vector<std::pair<std::string, std::string>>{{"a", "b"}});
+  const uint32_t n = static_cast<uint32_t>(v.vocab.size());
+  auto enc = Encoder::from_vocab_and_merges(v.vocab, v.merges, Pattern::kCl100k, true,
+                                            {{"<s>", n, true}, {"<s><t>", n + 1, true}, {"ab!", n + 2, false}});
+  std::vector<uint32_t> ids;
+  enc->encode("x<s><t>y", {1, 1, 0}, true, ids);  // leftmost-longest
+  CHECK((ids == std::vector<uint32_t>{'x', n + 1, 'y'}));
+  ids.clear();
+  enc->encode("x<s><t>", {1, 0, 0}, false, ids);  // <s><t> not allowed: <s> then "<t>" as text
+  CHECK(ids.size() == 5 && ids[1] == n);
+  CHECK_THROWS(enc->encode("x<s><t>", {1, 0, 0}, true, ids), DisallowedSpecialError);
+  ids.clear();
+  enc->encode_ordinary("ab!<s>", ids);  // the non-special added token is always split out
+  CHECK(ids.size() == 4 && ids[0] == n + 2 && ids[1] == '<');
+  CHECK(enc->token_id("<s>") == n && enc->token_id("ab") == v.find("ab") && enc->token_id("zz") == -1);
+}
+
+void test_loaders() {
+  CHECK_THROWS(json::parse("{\"a\": [1, 2,]}"), FormatError);
+  CHECK_THROWS(json::parse("\"\\ud800\""), FormatError);
+  CHECK_THROWS(json::parse(std::string(1000, '[')), FormatError);
+  CHECK(json::parse("{\"k\": \"\\u00e9\\ud83d\\ude00\"}").get("k")->str == "\xC3\xA9\xF0\x9F\x98\x80");
+  CHECK_THROWS(Encoder::from_hf_json("{}"), FormatError);
+  CHECK_THROWS(Encoder::from_hf_json("{\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []}}"), FormatError);
+  const std::string hf = R"({"added_tokens": [{"id": 3, "content": "<e>", "special": true}],
+    "normalizer": null, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
+    "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2, "<e>": 3}, "merges": [["a", "b"]]}})";
+  auto enc = Encoder::from_hf_json(hf);
+  std::vector<uint32_t> ids;
+  enc->encode("abab<e>", {1}, true, ids);
+  CHECK((ids == std::vector<uint32_t>{2, 2, 3}));
+  ids.clear();
+  enc->encode_ordinary("zab", ids);  // bytes without a token are dropped, as HF does without unk_token
+  CHECK((ids == std::vector<uint32_t>{2}));
+  CHECK_THROWS(Encoder::from_tiktoken("YQ== 0\n", Pattern::kGpt2, {}), FormatError);  // lacks 255 bytes
+  CHECK_THROWS(Encoder::from_tiktoken("@@@@ 0\n", Pattern::kGpt2, {}), FormatError);
+  CHECK_THROWS(Encoder::from_tiktoken("", Pattern::kGpt2, {}), FormatError);
+}
+
+}  // namespace
+
+int main() {
+  test_pretokenize();
+  test_bpe_merges();
+  test_specials();
+  test_loaders();
+  return bpe_test::finish("test_bpe_core");
+}

@@ -1,0 +1,184 @@
+// Randomized test of the BPE core, meant to run under ASan/UBSan: random bytes and random UTF-8 through
+// the three pre-tokenizers and the encoder. Invariants: pieces are non-empty and partition the input;
+// decode(encode(x)) == x; the array and heap BPE paths agree.
+#include <chrono>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bpe/encoder.h"
+#include "bpe/pretokenize.h"
+#include "bpe/unicode.h"
+#include "bpe_test_util.h"
+
+using namespace sparrow::bpe;
+
+namespace {
+
+void put_utf8(std::string& s, uint32_t cp) {
+  if (cp < 0x80) {
+    s += static_cast<char>(cp);
+  } else if (cp < 0x800) {
+    s += static_cast<char>(0xC0 | (cp >> 6));
+    s += static_cast<char>(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {
+    s += static_cast<char>(0xE0 | (cp >> 12));
+    s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    s += static_cast<char>(0x80 | (cp & 0x3F));
+  } else {
+    s += static_cast<char>(0xF0 | (cp >> 18));
+    s += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+    s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    s += static_cast<char>(0x80 | (cp & 0x3F));
+  }
+}
+
+// Code points drawn from the classes the patterns care about, plus anything.
+uint32_t random_cp(std::mt19937& rng) {
+  static const uint32_t picks[] = {' ', ' ', '\n', '\r', '\t', '\'', 's', 'S', 'l', 'a', 'Z', '1', '/', '!', '<',
+                                   0xA0, 0x85, 0x3000, 0x2028, 0x17F, 0x1C5, 0x2B0, 0x301, 0x200D, 0x1F44D, 0x663};
+  switch (rng() % 6) {
+    case 0: return picks[rng() % (sizeof(picks) / sizeof(picks[0]))];
+    case 1: return 0x20 + rng() % 0x5F;
+    case 2: return 0x4E00 + rng() % 0x5000;  // CJK
+    case 3: return 0x600 + rng() % 0x100;    // Arabic
+    default: {
+      uint32_t cp = rng() % 0x110000;
+      return (cp >= 0xD800 && cp <= 0xDFFF) ? 0xFFFD : cp;
+    }
+  }
+}
+
+std::string random_text(std::mt19937& rng, bool valid_utf8) {
+  std::string s;
+  const size_t len = rng() % 64;
+  for (size_t i = 0; i < len; ++i) {
+    if (valid_utf8) {
+      uint32_t cp = random_cp(rng);
+      size_t repeat = (rng() % 8 == 0) ? rng() % 20 : 1;  // runs: whitespace, digits, one letter
+      for (size_t k = 0; k < repeat; ++k) put_utf8(s, cp);
+    } else {
+      s += static_cast<char>(rng() & 0xFF);
+    }
+  }
+  return s;
+}
+
+// Textbook BPE: repeatedly merge the leftmost pair of lowest rank.
+std::vector<uint32_t> naive_bpe(const bpe_test::TinyVocab& v, const std::string& piece) {
+  std::vector<uint32_t> sym;
+  for (unsigned char c : piece) sym.push_back(c);
+  while (true) {
+    size_t best_rank = SIZE_MAX, best_pos = 0;
+    for (size_t i = 0; i + 1 < sym.size(); ++i) {
+      for (size_t r = 0; r < v.merges.size() && r < best_rank; ++r) {
+        if (v.merges[r].first == sym[i] && v.merges[r].second == sym[i + 1]) {
+          best_rank = r;
+          best_pos = i;
+          break;
+        }
+      }
+    }
+    if (best_rank == SIZE_MAX) return sym;
+    sym[best_pos] = v.find(v.vocab[sym[best_pos]] + v.vocab[sym[best_pos + 1]]);
+    sym.erase(sym.begin() + static_cast<long>(best_pos) + 1);
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(12345);
+  // A vocabulary with merges over ASCII letters/space and a few UTF-8 byte pairs.
+  std::vector<std::pair<std::string, std::string>> merges;
+  const std::string letters = " aslSZ1'\n";
+  for (char a : letters)
+    for (char b : letters) merges.emplace_back(std::string(1, a), std::string(1, b));
+  merges.emplace_back("\xE4", "\xB8");
+  merges.emplace_back("\xE4\xB8", "\xAD");
+  merges.emplace_back("aa", "aa");
+  merges.emplace_back("  ", "  ");
+  bpe_test::TinyVocab v(merges);
+  auto hf_like = Encoder::from_vocab_and_merges(v.vocab, v.merges, Pattern::kGpt2, false, {{"<|e|>", 9999, true}});
+  auto tt_like = Encoder::from_vocab_and_merges(v.vocab, v.merges, Pattern::kO200k, true, {});
+  auto cl_like = Encoder::from_vocab_and_merges(v.vocab, v.merges, Pattern::kCl100k, true, {});
+  const Encoder* encoders[] = {hf_like.get(), tt_like.get(), cl_like.get()};
+
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  size_t iterations = 0;
+  while (std::chrono::steady_clock::now() < deadline || iterations < 200) {
+    ++iterations;
+    const bool valid = rng() % 4 != 0;
+    const std::string text = random_text(rng, valid);
+    const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+    for (Pattern p : {Pattern::kGpt2, Pattern::kCl100k, Pattern::kO200k}) {
+      size_t expect = 0;
+      bool ok = true;
+      for_each_piece(p, s, text.size(), [&](size_t b, size_t e) {
+        ok &= (b == expect && e > b && e <= text.size());
+        expect = e;
+      });
+      CHECK(ok && expect == text.size());
+    }
+    if (valid) CHECK(is_valid_utf8(s, text.size()));
+    for (const Encoder* enc : encoders) {
+      std::vector<uint32_t> ids;
+      enc->encode(text, std::vector<char>(enc->specials().size(), 1), true, ids);
+      std::string back;
+      enc->decode(ids.data(), ids.size(), back);
+      CHECK(back == text);  // the vocabulary has all 256 bytes, so even invalid UTF-8 round-trips
+    }
+    // Long pieces take the heap path; short ones the array path. Both must equal a naive BPE (slow, so
+    // on every 8th input only).
+    if (iterations % 8) continue;
+    std::string piece;
+    const size_t plen = (rng() % 2) ? 150 + rng() % 100 : 2 + rng() % 60;
+    for (size_t k = 0; k < plen; ++k) piece += letters[rng() % letters.size()];
+    std::vector<uint32_t> got;
+    hf_like->encode_piece(piece, got);
+    CHECK(got == naive_bpe(v, piece));
+  }
+  std::printf("fuzzed %zu inputs\n", iterations);
+
+  // Malformed vocabulary files: truncations and byte flips of valid ones must throw FormatError (or
+  // load, when the damage happens to be harmless), never crash.
+  const std::string hf = R"({"added_tokens": [{"id": 3, "content": "<e>", "special": true, "normalized": false}],
+    "normalizer": null, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
+    "model": {"type": "BPE", "ignore_merges": false, "vocab": {"a": 0, "b": 1, "ab": 2, "<e>": 3, "\u0120": 4},
+              "merges": ["a b", ["ab", "ab"]]}})";
+  std::string tiktoken;
+  for (int b = 0; b < 256; ++b) {
+    static const char* digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    tiktoken += digits[b >> 2];
+    tiktoken += digits[(b & 3) << 4];
+    tiktoken += "== " + std::to_string(b) + "\n";
+  }
+  tiktoken += "YWI= 256\n";  // "ab"
+  size_t loaded = 0, rejected = 0;
+  for (int round = 0; round < 3000; ++round) {
+    const bool use_hf = round % 2 == 0;
+    std::string doc = use_hf ? hf : tiktoken;
+    const int edits = 1 + static_cast<int>(rng() % 3);
+    for (int k = 0; k < edits && !doc.empty(); ++k) {
+      switch (rng() % 3) {
+        case 0: doc.resize(rng() % doc.size()); break;
+        case 1: doc[rng() % doc.size()] = static_cast<char>(rng() & 0xFF); break;
+        default: doc.insert(doc.begin() + static_cast<long>(rng() % doc.size()), static_cast<char>(rng() & 0xFF));
+      }
+    }
+    try {
+      auto enc = use_hf ? Encoder::from_hf_json(doc) : Encoder::from_tiktoken(doc, Pattern::kGpt2, {{"<e>", 5000}});
+      std::vector<uint32_t> ids;
+      enc->encode("ab abab <e> \xE4\xB8\xAD", std::vector<char>(enc->specials().size(), 1), false, ids);
+      std::string back;
+      enc->decode(ids.data(), ids.size(), back);
+      ++loaded;
+    } catch (const FormatError&) {
+      ++rejected;
+    }
+  }
+  std::printf("malformed vocabularies: %zu loaded, %zu rejected with FormatError\n", loaded, rejected);
+  CHECK(loaded > 0 && rejected > 0);
+  return bpe_test::finish("test_bpe_fuzz");
+}

@@ -1,0 +1,116 @@
+"""Run logging: a JSON-lines metrics file, the progress bar's numbers (tokens/s, MFU) and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU; unknown GPUs get no MFU rather than a wrong one.
+_PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in _PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def flops_per_token(num_parameters: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per parameter (forward and backward matmuls) plus attention's scores and
+    weighted sum, 12 * layers * hidden * context (PaLM's appendix B). Packed documents attend over less than
+    ``seq_len``, so this slightly overstates the work: MFU errs low."""
+    return 6 * num_parameters + 12 * num_layers * hidden_size * seq_len
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``<out_dir>/metrics.jsonl`` and flushes it, so a killed run keeps
+    everything up to its last step."""
+
+    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True):
+        self.path = Path(out_dir) / METRICS_FILE
+        self.enabled = enabled
+        self._file = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop entries past ``step``: a resumed run recomputes them, and the file should tell one history."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def reset(self) -> None:
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, unigram_entropy: float | None = None,
+              title: str = "training loss") -> Path:
+    """Training loss per step (and validation loss where measured) against the unigram-entropy baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", ms=4, label="validation loss")
+    if unigram_entropy is not None:
+        ax.axhline(unigram_entropy, color="grey", ls="--", lw=1, label=f"unigram entropy ({unigram_entropy:.2f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_png = Path(out_png)
+    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png

@@ -70,3 +70,112 @@ def test_native_op_works_under_torch_compile(native):
 def test_cuda_kernels_are_compiled_in(native):
     # The CUDA kernels are in the library even where no GPU can run them: the dispatcher knows them.
     assert torch._C._dispatch_has_kernel_for_dispatch_key("sparrow_C::rms_norm_fwd", "CUDA")
+
+
+# ------------------------------------------------------------------------ fused_add_rms_norm and rope
+def rope_tables(batch, seq, half, device, per_batch):
+    positions = torch.randint(0, 64, (batch, seq) if per_batch else (seq,), device=device)
+    angles = positions[..., None].float() * (1.0 / 10000 ** (torch.arange(half, device=device) / half))
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_add_rms_norm_opcheck(native, device, dtype):
+    x, r = (torch.randn(6, 136, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    w = torch.randn(136, device=device, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(native.fused_add_rms_norm_fwd, (x, r, w, 1e-6))
+    _, summed, rstd = native.fused_add_rms_norm_fwd(x.detach(), r.detach(), w.detach(), 1e-6)
+    dy = torch.randn_like(summed)
+    torch.library.opcheck(native.rms_norm_bwd, (dy, summed, w.detach(), rstd, torch.randn_like(dy)))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_rope_opcheck(native, device, dtype, per_batch):
+    q = torch.randn(2, 5, 4, 64, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 5, 2, 64, device=device, dtype=dtype, requires_grad=True)
+    cos, sin = rope_tables(2, 5, 24, device, per_batch)
+    torch.library.opcheck(native.rope, (q, k, cos, sin, False))
+    torch.library.opcheck(native.rope_, (q.detach().clone(), k.detach().clone(), cos, sin, False))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_rope_in_place_matches_out_of_place(native, device):
+    from sparrow.ops import cuda_backend, reference
+
+    q = torch.randn(2, 5, 4, 64, device=device, dtype=torch.bfloat16)
+    k = torch.randn(2, 5, 1, 64, device=device, dtype=torch.bfloat16)
+    cos, sin = rope_tables(2, 5, 32, device, True)
+    expected = reference.apply_rope(q, k, cos, sin)
+    q2, k2 = cuda_backend.apply_rope_(q.clone(), k.clone(), cos, sin)
+    torch.testing.assert_close(q2, expected[0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(k2, expected[1], atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="q: in-place"):
+        cuda_backend.apply_rope_(q.clone().requires_grad_(), k.clone(), cos, sin)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_rope_round_trip(native, device):
+    """The backward flag rotates by the negated angle: applying both gives the input back."""
+    q = torch.randn(3, 4, 2, 32, device=device)
+    k = torch.randn(3, 4, 2, 32, device=device)
+    cos, sin = rope_tables(3, 4, 10, device, True)
+    q1, k1 = native.rope(q, k, cos, sin, False)
+    q2, k2 = native.rope(q1, k1, cos, sin, True)
+    torch.testing.assert_close(q2, q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k2, k, atol=1e-5, rtol=1e-5)
+
+
+def test_native_rope_and_fused_argument_errors(native):
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="residual"):
+        native.fused_add_rms_norm_fwd(x, torch.randn(4, 7), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="grad_sum"):
+        native.rms_norm_bwd(x, x, torch.ones(8), torch.ones(4), torch.randn(3, 8))
+    q, k = torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16)
+    cos, sin = rope_tables(1, 3, 8, "cpu", False)
+    with pytest.raises(ValueError, match="q: expected"):
+        native.rope(q[0], k, cos, sin)
+    with pytest.raises(ValueError, match="k: dtype"):
+        native.rope(q, k.double(), cos, sin)
+    with pytest.raises(ValueError, match="cos: expected"):
+        native.rope(q, k, cos[:2], sin[:2])
+    with pytest.raises(ValueError, match="cos: last dim"):
+        native.rope(q, k, torch.ones(3, 9), torch.ones(3, 9))
+    with pytest.raises(ValueError, match="q: expected unit stride"):
+        native.rope(q.transpose(2, 3).contiguous().transpose(2, 3), k, cos, sin)
+    with pytest.raises(ValueError, match="q: dtype"):
+        native.rope(q.double(), k.double(), cos, sin)
+
+
+def test_native_fused_and_rope_under_torch_compile(native):
+    from sparrow import ops
+
+    x, r = (torch.randn(2, 3, 64, requires_grad=True) for _ in range(2))
+    w = torch.randn(64, requires_grad=True)
+    q, k = torch.randn(2, 3, 4, 16, requires_grad=True), torch.randn(2, 3, 2, 16, requires_grad=True)
+    cos, sin = rope_tables(2, 3, 8, "cpu", True)
+
+    def f(x, r, w, q, k):
+        y, s = ops.fused_add_rms_norm(x, r, w, backend="cuda")
+        q2, k2 = ops.apply_rope(q, k, cos, sin, backend="cuda")
+        return y.sum() + s.square().sum() + q2.square().sum() + k2.sum()
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, r, w, q, k)
+    grads = torch.autograd.grad(out, [x, r, w, q, k])
+    leaves = [t.detach().clone().requires_grad_() for t in (x, r, w, q, k)]
+    ops_ref = ops.reference
+    y, s = ops_ref.fused_add_rms_norm(*leaves[:3])
+    q2, k2 = ops_ref.apply_rope(leaves[3], leaves[4], cos, sin)
+    expected = y.sum() + s.square().sum() + q2.square().sum() + k2.sum()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    for got, ref in zip(grads, torch.autograd.grad(expected, leaves)):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only machine's view of the build")
+def test_fused_and_rope_cuda_kernels_are_compiled_in(native):
+    for op in ("fused_add_rms_norm_fwd", "rope", "rope_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparrow_C::{op}", "CUDA"), op

@@ -24,9 +24,23 @@ void check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight) {
                     "x: dtype must be float32, bfloat16 or float16, got ", dtype);
 }
 
-void check_rms_norm_bwd_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                             const at::Tensor& rstd) {
+void check_fused_add_rms_norm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight) {
   check_rms_norm_args(x, weight);
+  TORCH_CHECK_VALUE(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
+                    "residual: expected the shape and dtype of x");
+  TORCH_CHECK_VALUE(residual.is_contiguous(), "residual: expected a contiguous tensor");
+  TORCH_CHECK_VALUE(residual.device() == x.device(), "residual: on ", residual.device(), " but x is on ", x.device());
+}
+
+void check_rms_norm_bwd_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& rstd, const std::optional<at::Tensor>& grad_sum) {
+  check_rms_norm_args(x, weight);
+  if (grad_sum.has_value() && grad_sum->defined()) {
+    TORCH_CHECK_VALUE(grad_sum->sizes() == x.sizes() && grad_sum->scalar_type() == x.scalar_type(),
+                      "grad_sum: expected the shape and dtype of x");
+    TORCH_CHECK_VALUE(grad_sum->is_contiguous(), "grad_sum: expected a contiguous tensor");
+    TORCH_CHECK_VALUE(grad_sum->device() == x.device(), "grad_sum: on ", grad_sum->device(), " but x is on ", x.device());
+  }
   TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
                     "grad_y: expected the shape and dtype of x");
   TORCH_CHECK_VALUE(grad_y.is_contiguous(), "grad_y: expected a contiguous tensor");
@@ -61,8 +75,18 @@ void rms_norm_fwd_impl(const at::Tensor& x, const at::Tensor& weight, double eps
 }
 
 template <typename scalar_t>
+void add_impl(const at::Tensor& x, const at::Tensor& residual, at::Tensor& summed) {
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* rp = residual.data_ptr<scalar_t>();
+  scalar_t* sp = summed.data_ptr<scalar_t>();
+  at::parallel_for(0, x.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) sp[i] = static_cast<scalar_t>(static_cast<float>(xp[i]) + static_cast<float>(rp[i]));
+  });
+}
+
+template <typename scalar_t>
 void rms_norm_bwd_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                       const at::Tensor& rstd, at::Tensor& grad_x, at::Tensor& grad_w_f32) {
+                       const at::Tensor& rstd, const scalar_t* dsp, at::Tensor& grad_x, at::Tensor& grad_w_f32) {
   const int64_t rows = x.size(0), hidden = x.size(1);
   const scalar_t* gp = grad_y.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -88,7 +112,8 @@ void rms_norm_bwd_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::
         for (int64_t i = 0; i < hidden; ++i) {
           const float xv = static_cast<float>(xp[r * hidden + i]);
           const float gv = static_cast<float>(gp[r * hidden + i]);
-          gxp[r * hidden + i] = static_cast<scalar_t>(gv * static_cast<float>(wp[i]) * inv - coef * xv);
+          const float extra = dsp ? static_cast<float>(dsp[r * hidden + i]) : 0.f;
+          gxp[r * hidden + i] = static_cast<scalar_t>(gv * static_cast<float>(wp[i]) * inv - coef * xv + extra);
           part[i] += gv * xv * inv;
         }
       }
@@ -108,13 +133,28 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const a
   return {y, rstd};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_fwd_cpu(const at::Tensor& x,
+                                                                          const at::Tensor& residual,
+                                                                          const at::Tensor& weight, double eps) {
+  check_fused_add_rms_norm_args(x, residual, weight);
+  at::Tensor summed = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_add_rms_norm_fwd_cpu",
+                                  [&] { add_impl<scalar_t>(x, residual, summed); });
+  auto [y, rstd] = rms_norm_fwd_cpu(summed, weight, eps);
+  return {y, summed, rstd};
+}
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x,
-                                                    const at::Tensor& weight, const at::Tensor& rstd) {
-  check_rms_norm_bwd_args(grad_y, x, weight, rstd);
+                                                    const at::Tensor& weight, const at::Tensor& rstd,
+                                                    const std::optional<at::Tensor>& grad_sum) {
+  check_rms_norm_bwd_args(grad_y, x, weight, rstd, grad_sum);
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_w = at::empty({x.size(1)}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_bwd_cpu",
-                                  [&] { rms_norm_bwd_impl<scalar_t>(grad_y, x, weight, rstd, grad_x, grad_w); });
+  const bool has_ds = grad_sum.has_value() && grad_sum->defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_bwd_cpu", [&] {
+    const scalar_t* dsp = has_ds ? grad_sum->data_ptr<scalar_t>() : nullptr;
+    rms_norm_bwd_impl<scalar_t>(grad_y, x, weight, rstd, dsp, grad_x, grad_w);
+  });
   return {grad_x, grad_w.to(weight.scalar_type())};
 }
 

@@ -1,0 +1,162 @@
+"""Helpers shared by the GPU kernel benchmarks: timing, device and environment facts, JSON results, tables.
+
+Result files follow the format ``python -m benchmarks`` plots: ``{"meta": {...}, "rows": [...], "plot": {...}}``
+under ``benchmarks/results/<device-slug>/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Peak HBM bandwidth in GB/s (vendor spec sheets), matched against torch.cuda.get_device_name() in order.
+_PEAK_BANDWIDTH_GBS: list[tuple[str, float]] = [
+    ("H200", 4800.0),
+    ("H100 NVL", 3900.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),  # SXM5 (HBM3)
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),  # 40GB
+]
+
+
+def peak_bandwidth_gbs(device_name: str) -> float | None:
+    for key, gbs in _PEAK_BANDWIDTH_GBS:
+        if key.lower() in device_name.lower():
+            return gbs
+    return None
+
+
+def device_slug(name: str | None = None) -> str:
+    """The results folder name for this machine's device: same rule as ``python -m benchmarks``."""
+    if name is None:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lower()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def device_info() -> dict:
+    """Device, peak bandwidth and software versions: the metadata every result file carries."""
+    info: dict = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(
+            device=props.name,
+            sm_count=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+            driver=_driver_version(),
+            peak_bandwidth_gbs=peak_bandwidth_gbs(props.name),
+        )
+    else:
+        info.update(device=f"cpu-{platform.machine()}", peak_bandwidth_gbs=None)
+    return info
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn()``. ``warmup`` and ``rep`` are time budgets in ms, as in
+    ``triton.testing.do_bench`` (which is used on the GPU: CUDA events, L2 flushed between calls)."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    fn()  # first call: compilation, allocation
+    times = []
+    deadline = time.perf_counter() + rep / 1000
+    while not times or (time.perf_counter() < deadline and len(times) < 1000):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_memory_mib(fn: Callable[[], object]) -> float | None:
+    """Memory ``fn()`` allocates beyond what is already live, at its peak (GPU only)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bandwidth(bytes_moved: float, ms: float, peak_gbs: float | None) -> tuple[float, float | None]:
+    """(GB/s, % of peak) for ``bytes_moved`` in ``ms``."""
+    gbs = bytes_moved / (ms * 1e-3) / 1e9
+    return gbs, (100.0 * gbs / peak_gbs if peak_gbs else None)
+
+
+def write_results(name: str, rows: list[dict], meta: dict, *, plot: dict | None = None, out: str | Path | None = None) -> Path:
+    """Write ``{"meta", "rows", "plot"}`` to ``out`` or benchmarks/results/<device-slug>/<name>.json."""
+    path = Path(out) if out else RESULTS / device_slug(meta.get("device")) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "rows": rows}
+    if plot:
+        payload["plot"] = plot
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def print_table(rows: Iterable[dict], columns: list[str]) -> None:
+    rows = list(rows)
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))

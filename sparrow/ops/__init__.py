@@ -32,6 +32,7 @@ __all__ = [
     "apply_rope",
     "attention",
     "attention_varlen",
+    "attention_with_kv_cache",
     "available_backends",
     "backend_error",
     "fused_add_rms_norm",
@@ -202,6 +203,30 @@ def attention_varlen(
     return resolve("attention_varlen", backend, q.device, (q, k, v, cu_seqlens, max_seqlen, causal, scale))(
         q, k, v, cu_seqlens, max_seqlen, causal, scale
     )
+
+
+def attention_with_kv_cache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float | None = None, *,
+    backend: str | None = None,
+) -> Tensor:
+    """Attention of new queries against a KV cache, for generation (prefill, then one token at a time).
+
+    q: (batch, new_len, heads, head_dim); k_cache, v_cache: (batch, max_len, kv_heads, head_dim);
+    ``cache_seqlens`` int32 (batch,): each row's valid cache length, the ``new_len`` new tokens (already
+    written into the cache) included. Causal, bottom-right within each row's valid prefix; positions past a
+    row's length are never read.
+    """
+    _check_qkv(q, k_cache, v_cache, 4, "(batch, seq, heads, head_dim)")
+    if k_cache.shape[0] != q.shape[0]:
+        _fail(f"k_cache: batch {k_cache.shape[0]} does not match q batch {q.shape[0]}")
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (q.shape[0],):
+        _fail(f"cache_seqlens: expected a torch.int32 tensor of shape ({q.shape[0]},)")
+    _check_same_device("q", q, cache_seqlens=cache_seqlens)
+    if not torch.compiler.is_compiling():
+        if bool((cache_seqlens < q.shape[1]).any()) or bool((cache_seqlens > k_cache.shape[1]).any()):
+            _fail(f"cache_seqlens: each entry must lie in [new_len={q.shape[1]}, max_len={k_cache.shape[1]}]")
+    args = (q, k_cache, v_cache, cache_seqlens, scale)
+    return resolve("attention_with_kv_cache", backend, q.device, args)(*args)
 
 
 load_backends()

@@ -33,7 +33,9 @@ def _rms_norm_fwd_fake(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, T
 
 
 @torch.library.register_fake("sparrow_C::rms_norm_bwd")
-def _rms_norm_bwd_fake(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+def _rms_norm_bwd_fake(
+    grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, grad_sum: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x), torch.empty_like(weight)
 
 
@@ -70,3 +72,109 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 register("rms_norm", "cuda", rms_norm, _check_rms_norm)
+
+
+# ------------------------------------------------------------------------------------ fused_add_rms_norm
+@torch.library.register_fake("sparrow_C::fused_add_rms_norm_fwd")
+def _fused_add_rms_norm_fwd_fake(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(x), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def _fused_setup_context(ctx, inputs, output) -> None:
+    _, _, weight, _ = inputs
+    # The backward needs only the sum: saving the output keeps one activation instead of x and residual.
+    ctx.save_for_backward(output[1], weight, output[2])
+
+
+def _fused_backward(ctx, grad_y: Tensor, grad_sum: Tensor, _grad_rstd: Tensor):
+    summed, weight, rstd = ctx.saved_tensors
+    grad_sum = grad_sum.contiguous() if grad_sum is not None else None
+    grad_x, grad_weight = torch.ops.sparrow_C.rms_norm_bwd(grad_y.contiguous(), summed, weight, rstd, grad_sum)
+    # x and residual enter only through their sum.
+    return grad_x, grad_x, grad_weight, None
+
+
+torch.library.register_autograd(
+    "sparrow_C::fused_add_rms_norm_fwd", _fused_backward, setup_context=_fused_setup_context
+)
+
+_FUSED_DEVICES = _native_devices("fused_add_rms_norm_fwd")
+
+
+def _check_fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> None:
+    if x.device.type not in _FUSED_DEVICES:
+        raise ValueError(f"x: the cuda backend's fused_add_rms_norm has kernels for {sorted(_FUSED_DEVICES)}, got {x.device}")
+    _check_rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    flat = (-1, x.shape[-1])
+    y, summed, _ = torch.ops.sparrow_C.fused_add_rms_norm_fwd(
+        x.reshape(flat).contiguous(), residual.reshape(flat).contiguous(), weight, float(eps)
+    )
+    return y.view(x.shape), summed.view(x.shape)
+
+
+register("fused_add_rms_norm", "cuda", fused_add_rms_norm, _check_fused_add_rms_norm)
+
+
+# -------------------------------------------------------------------------------------------------- rope
+@torch.library.register_fake("sparrow_C::rope")
+def _rope_fake(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool = False) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.register_fake("sparrow_C::rope_")
+def _rope_inplace_fake(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool = False) -> None:
+    return None
+
+
+def _rope_setup_context(ctx, inputs, output) -> None:
+    _, _, cos, sin, backward = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.backward = backward
+
+
+def _unit_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rope_backward(ctx, grad_q: Tensor, grad_k: Tensor):
+    cos, sin = ctx.saved_tensors
+    # The gradient of a rotation is the rotation by the negated angle.
+    grad_q, grad_k = torch.ops.sparrow_C.rope(_unit_stride(grad_q), _unit_stride(grad_k), cos, sin, not ctx.backward)
+    return grad_q, grad_k, None, None, None
+
+
+torch.library.register_autograd("sparrow_C::rope", _rope_backward, setup_context=_rope_setup_context)
+
+_ROPE_DEVICES = _native_devices("rope")
+
+
+def _check_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    if q.device.type not in _ROPE_DEVICES:
+        raise ValueError(f"q: the cuda backend's apply_rope has kernels for {sorted(_ROPE_DEVICES)}, got {q.device}")
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name}: the cuda backend needs unit stride along head_dim, got strides {t.stride()}")
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("cos: the cuda backend does not differentiate through cos/sin; detach them")
+
+
+def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.ops.sparrow_C.rope(q, k, cos, sin, False)
+
+
+def apply_rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """In-place RoPE (returns q and k, rotated), for tensors that do not require grad: autograd would need the
+    unrotated values that this overwrites."""
+    _check_rope(q, k, cos, sin)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        raise ValueError("q: in-place RoPE is for tensors that do not require grad; use apply_rope")
+    torch.ops.sparrow_C.rope_(q, k, cos, sin, False)
+    return q, k
+
+
+register("apply_rope", "cuda", apply_rope, _check_rope)
+
+from . import cuda_attention  # noqa: E402,F401

@@ -118,7 +118,7 @@ def attention_varlen(
     ``cu_seqlens[i]:cu_seqlens[i+1]``, and no token attends outside its own document.
 
     The documents are gathered into a padded (docs, max_seqlen) batch with index arithmetic (no host sync),
-    run through :func:`attention` with a key padding mask, and scattered back.
+    run through :func:`attention` with a key padding mask, and gathered back into packed order.
     """
     total = q.shape[0]
     cu = cu_seqlens.long()
@@ -130,6 +130,36 @@ def attention_varlen(
     qd, kd, vd = q[index], k[index], v[index]  # (docs, max_seqlen, heads, head_dim)
     # Documents are left-aligned and square in the padded batch, so causal is the plain top-left mask.
     out = attention(qd, kd, vd, causal=causal, scale=scale, key_padding_mask=valid, upcast=upcast)
-    flat_index = index[valid]
-    result = q.new_zeros((total, q.shape[1], v.shape[-1]))
-    return result.index_copy(0, flat_index, out[valid])
+    # Back to packed order by gathering each token's (document, offset) slot: static shapes throughout, so
+    # torch.compile traces it without a graph break. Tokens past cu_seqlens[-1] belong to no document.
+    tokens = torch.arange(total, device=q.device)
+    doc = torch.searchsorted(cu[1:], tokens, right=True).clamp_max(starts.shape[0] - 1)
+    offset = (tokens - starts[doc]).clamp(0, max_seqlen - 1)
+    inside = (tokens < cu[-1])[:, None, None]
+    return torch.where(inside, out[doc, offset], torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                            scale: float | None = None, *, upcast: bool = True) -> Tensor:
+    """Attention of the new queries q (B, Tq, H, D) against each row's valid cache prefix.
+
+    ``cache_seqlens[b]`` counts row b's valid positions, the Tq new ones (already written) included, so query
+    i of row b sits at position ``cache_seqlens[b] - Tq + i`` and sees keys at positions up to and including it.
+    """
+    b, tq, h, d = q.shape
+    tk = k_cache.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    dtype = q.dtype
+    if upcast:
+        q, k_cache, v_cache = _acc(q), _acc(k_cache), _acc(v_cache)
+    scores = _grouped_scores(q, k_cache, scale)  # (B, Hkv, G, Tq, Tk)
+    q_pos = cache_seqlens.long().unsqueeze(1) - tq + torch.arange(tq, device=q.device)  # (B, Tq)
+    allowed = torch.arange(tk, device=q.device) <= q_pos.unsqueeze(-1)  # (B, Tq, Tk)
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    # Zero probabilities do not cancel whatever sits past a row's length (inf/NaN in unwritten slots).
+    written = (torch.arange(tk, device=q.device) < cache_seqlens.long().unsqueeze(1))[:, :, None, None]  # (B, Tk, 1, 1)
+    v_cache = torch.where(written, v_cache, torch.zeros((), dtype=v_cache.dtype, device=v_cache.device))
+    vg = v_cache.permute(0, 2, 1, 3).unsqueeze(2)
+    out = torch.matmul(probs.to(vg.dtype), vg)
+    return out.permute(0, 3, 1, 2, 4).reshape(b, tq, h, v_cache.shape[-1]).to(dtype)

@@ -23,3 +23,180 @@ def check_device(name: str, t) -> None:
     if t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()):
         return
     raise ValueError(f"{name}: the triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU), got {t.device}")
+
+
+# Everything below registers the kernels of sparrow.kernels as torch.library custom ops (so torch.compile
+# treats each launch as one opaque node with a fake implementation) with autograd, and as this backend's
+# kernels in the ops registry.
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from sparrow.kernels import rms_norm as _rms  # noqa: E402
+from sparrow.kernels import rope as _rope  # noqa: E402
+
+from .registry import register  # noqa: E402
+
+
+def _check_last_dim_contiguous(name: str, t: Tensor) -> None:
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: the triton backend needs unit stride along the last dim, got strides {t.stride()}")
+
+
+# ---------------------------------------------------------------------------------------------- rms_norm
+@torch.library.custom_op("sparrow::triton_rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    y, _, rstd = _rms.rms_norm_fwd(x, weight, eps)
+    return y, rstd
+
+
+@_rms_norm_fwd.register_fake
+def _(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("sparrow::triton_fused_add_rms_norm_fwd", mutates_args=())
+def _fused_add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    y, summed, rstd = _rms.rms_norm_fwd(x, weight, eps, residual)
+    return y, summed, rstd
+
+
+@_fused_add_rms_norm_fwd.register_fake
+def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("sparrow::triton_rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd(
+    grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, grad_sum: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    return _rms.rms_norm_bwd(grad_y, x, weight, rstd, grad_sum)
+
+
+@_rms_norm_bwd.register_fake
+def _(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, grad_sum: Tensor | None) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), torch.empty_like(weight)
+
+
+def _unit_stride(t: Tensor | None) -> Tensor | None:
+    """Incoming gradients can have any layout (expanded zeros, transposes); the kernels need unit stride."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _rms_norm_setup(ctx, inputs, output) -> None:
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_backward(ctx, grad_y: Tensor, _grad_rstd: Tensor):
+    x, weight, rstd = ctx.saved_tensors
+    grad_x, grad_w = _rms_norm_bwd(_unit_stride(grad_y), x, weight, rstd, None)
+    return grad_x, grad_w, None
+
+
+_rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+def _fused_setup(ctx, inputs, output) -> None:
+    _, _, weight, _ = inputs
+    # Backward needs the sum, not x and residual: saving the output keeps one tensor instead of two.
+    ctx.save_for_backward(output[1], weight, output[2])
+
+
+def _fused_backward(ctx, grad_y: Tensor, grad_sum: Tensor, _grad_rstd: Tensor):
+    summed, weight, rstd = ctx.saved_tensors
+    grad_x, grad_w = _rms_norm_bwd(_unit_stride(grad_y), summed, weight, rstd, _unit_stride(grad_sum))
+    # x and residual enter only through their sum: both get the same gradient.
+    return grad_x, grad_x, grad_w, None
+
+
+_fused_add_rms_norm_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+def _check_rms_norm(x: Tensor, weight: Tensor, eps: float) -> None:
+    check_device("x", x)
+    if x.shape[-1] > _rms.MAX_HIDDEN:
+        raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the triton kernel's limit of {_rms.MAX_HIDDEN}")
+    _check_last_dim_contiguous("weight", weight)
+
+
+def _check_fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> None:
+    _check_rms_norm(x, weight, eps)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(…, hidden) -> (rows, hidden) without a copy when the leading dims flatten to one row stride."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.shape[-1] <= 1 or t2.stride(-1) == 1 else t2.contiguous()
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    y, _ = _rms_norm_fwd(_rows(x), weight, float(eps))
+    return y.view(x.shape)
+
+
+def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    y, summed, _ = _fused_add_rms_norm_fwd(_rows(x), _rows(residual), weight, float(eps))
+    return y.view(x.shape), summed.view(x.shape)
+
+
+register("rms_norm", "triton", rms_norm, _check_rms_norm)
+register("fused_add_rms_norm", "triton", fused_add_rms_norm, _check_fused_add_rms_norm)
+
+
+# -------------------------------------------------------------------------------------------------- rope
+@torch.library.custom_op("sparrow::triton_rope", mutates_args=())
+def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> tuple[Tensor, Tensor]:
+    return _rope.rope(q, k, cos, sin, backward=backward)
+
+
+@_rope_op.register_fake
+def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _rope_setup(ctx, inputs, output) -> None:
+    _, _, cos, sin, backward = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.backward = backward
+
+
+def _rope_backward(ctx, grad_q: Tensor, grad_k: Tensor):
+    cos, sin = ctx.saved_tensors
+    grad_q, grad_k = _rope_op(_unit_stride(grad_q), _unit_stride(grad_k), cos, sin, not ctx.backward)
+    return grad_q, grad_k, None, None, None
+
+
+_rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
+
+
+@torch.library.custom_op("sparrow::triton_rope_", mutates_args=("q", "k"))
+def _rope_inplace_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    _rope.rope(q, k, cos, sin, q_out=q, k_out=k)
+
+
+def _check_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_device(name, t)
+    _check_last_dim_contiguous("q", q)
+    _check_last_dim_contiguous("k", k)
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("cos: the triton backend does not differentiate through cos/sin; detach them")
+
+
+def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return _rope_op(q, k, cos, sin, False)
+
+
+def apply_rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """In-place RoPE (returns q and k, rotated). Autograd cannot see through an in-place rotation of a tensor
+    it needs for backward, so this is for tensors that do not require grad (inference, KV-cache fills)."""
+    _check_rope(q, k, cos, sin)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        raise ValueError("q: in-place RoPE is for tensors that do not require grad; use apply_rope")
+    _rope_inplace_op(q, k, cos, sin)
+    return q, k
+
+
+register("apply_rope", "triton", apply_rope, _check_rope)
+
+from . import triton_attention  # noqa: E402,F401

@@ -1,0 +1,76 @@
+"""The native flash-attention kernels (csrc/cuda/attention_fwd.cu, attention_bwd.cu) as the "cuda" backend of
+``attention``: fake implementations and autograd for ``torch.ops.sparrow_C.attention_fwd/bwd``.
+
+A ``sparrow._C`` built before these kernels existed lacks the ops; the backend then simply has no attention
+kernel (explicit requests fall back to the reference with a warning, "auto" picks the next backend).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .registry import register, set_auto_order
+
+_DTYPES = (torch.bfloat16, torch.float16)
+_HEAD_DIMS = (64, 128)
+
+
+def _has_op(name: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparrow_C::{name}", "CUDA")
+    except RuntimeError:  # the op is not defined at all in this build
+        return False
+
+
+if _has_op("attention_fwd") and _has_op("attention_bwd"):
+
+    @torch.library.register_fake("sparrow_C::attention_fwd")
+    def _attention_fwd_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+        return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+    @torch.library.register_fake("sparrow_C::attention_bwd")
+    def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _setup(ctx, inputs, output) -> None:
+        q, k, v, causal, scale = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1])
+        ctx.causal, ctx.scale = causal, scale
+
+    def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        # The kernels read 16-byte vectors: incoming gradients can be expanded or transposed views.
+        if not _vector_friendly(grad_out):
+            grad_out = grad_out.clone(memory_format=torch.contiguous_format)
+        dq, dk, dv = torch.ops.sparrow_C.attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+    torch.library.register_autograd("sparrow_C::attention_fwd", _backward, setup_context=_setup)
+
+    def _vector_friendly(t: Tensor) -> bool:
+        return t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+
+    def _check_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> None:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.device.type != "cuda":
+                raise ValueError(f"{name}: the cuda backend's attention has kernels for ['cuda'], got {t.device}")
+            if t.dtype not in _DTYPES:
+                raise ValueError(f"{name}: the cuda attention kernels take bfloat16 or float16, got {t.dtype}")
+        if q.shape[-1] not in _HEAD_DIMS:
+            raise ValueError(f"q: head_dim {q.shape[-1]} not supported by the cuda attention kernels {_HEAD_DIMS}")
+
+    def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> Tensor:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        # The kernels move 16-byte vectors; a layout that does not allow them (odd strides, or a contiguous view
+        # at an unaligned offset, which .contiguous() would return as is) is copied into fresh memory once.
+        q, k, v = (t if _vector_friendly(t) else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
+        return torch.ops.sparrow_C.attention_fwd(q, k, v, bool(causal), scale)[0]
+
+    register("attention", "cuda", attention, _check_attention)
+
+    # The native backward runs on CUDA cores (see attention_bwd.cu), far slower than the Triton one: until it
+    # is a tensor-core kernel and measured, "auto" prefers Triton for attention.
+    set_auto_order("attention", ("triton", "cuda", "reference"))

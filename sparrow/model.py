@@ -124,6 +124,32 @@ class CausalLMOutput:
     loss: Tensor | None = None
 
 
+class KVCache:
+    """Per-layer key/value buffers of shape (batch, max_len, kv_heads, head_dim) and ``lengths`` (int32, per
+    row): how many positions of each row hold real tokens.
+
+    A forward with ``kv_cache=cache`` writes the new keys/values of row ``b`` at ``lengths[b]:lengths[b] + T``,
+    places its tokens at those positions (RoPE) and advances every row by ``T``. Prompts of different lengths
+    are right-padded and prefilled together; afterwards set ``lengths`` to the true prompt lengths, so the
+    padding is overwritten by the next tokens and never attended (it sits past each row's length, and the
+    causal mask keeps the real prompt tokens from seeing it during the prefill).
+    """
+
+    def __init__(self, config: SparrowConfig, batch_size: int, max_len: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        if max_len > config.max_position_embeddings:
+            raise ValueError(f"max_len: {max_len} exceeds max_position_embeddings ({config.max_position_embeddings})")
+        shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+
 def positions_from_cu_seqlens(cu_seqlens: Tensor, num_tokens: int) -> Tensor:
     """Position of each packed token within its own document (restarting at 0 for each)."""
     tokens = torch.arange(num_tokens, device=cu_seqlens.device)
@@ -139,11 +165,13 @@ class RMSNorm(nn.Module):
         self.backend: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
+        return ops.rms_norm(x, self.weight.to(x.dtype), self.eps, backend=self.backend)
 
     def add_and_norm(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """(norm(x + residual), x + residual)."""
-        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps, backend=self.backend)
+        # Under autocast the weight stays float32 while activations are bf16; the kernels take one dtype, and
+        # the cast is differentiable, so the float32 master weight still gets its gradient.
+        return ops.fused_add_rms_norm(x, residual, self.weight.to(x.dtype), self.eps, backend=self.backend)
 
 
 class RotaryEmbedding(nn.Module):
@@ -174,13 +202,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
         self.backend: str | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None,
+                cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         q, k = ops.apply_rope(q, k, cos, sin, backend=self.backend)
-        if cu_seqlens is None:
+        if cache is not None:
+            k_cache, v_cache, slots, new_lengths = cache
+            rows = torch.arange(b, device=x.device).unsqueeze(1)
+            k_cache[rows, slots] = k.to(k_cache.dtype)
+            v_cache[rows, slots] = v.to(v_cache.dtype)
+            out = ops.attention_with_kv_cache(q, k_cache.to(q.dtype), v_cache.to(q.dtype), new_lengths, backend=self.backend)
+        elif cu_seqlens is None:
             out = ops.attention(q, k, v, causal=True, backend=self.backend)
         else:
             out = ops.attention_varlen(
@@ -212,13 +247,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
-                cu_seqlens: Tensor | None, max_seqlen: int | None) -> tuple[Tensor, Tensor]:
+                cu_seqlens: Tensor | None, max_seqlen: int | None, cache=None) -> tuple[Tensor, Tensor]:
         # The residual stream is carried separately so each add fuses with the norm that follows it.
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, cu_seqlens, max_seqlen)
+        hidden = self.self_attn(hidden, cos, sin, cu_seqlens, max_seqlen, cache)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -232,15 +267,27 @@ class SparrowModel(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Tensor:
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None,
+                kv_cache: KVCache | None = None) -> Tensor:
         hidden = self.embed_tokens(input_ids)
+        if torch.is_autocast_enabled(hidden.device.type):
+            # Autocast leaves the embedding in float32 but makes every projection bf16; a single dtype for the
+            # residual stream is what the fused add+norm kernels take.
+            hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
         cos, sin = self.rotary(position_ids, hidden.dtype)
         residual = None
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if kv_cache is not None:
+            new_lengths = (kv_cache.lengths + input_ids.shape[1]).to(torch.int32)
+        for i, layer in enumerate(self.layers):
+            if kv_cache is not None:
+                cache = (kv_cache.keys[i], kv_cache.values[i], position_ids, new_lengths)
+                hidden, residual = layer(hidden, residual, cos, sin, None, None, cache)
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, residual = checkpoint(layer, hidden, residual, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual, cos, sin, cu_seqlens, max_seqlen)
+        if kv_cache is not None:
+            kv_cache.lengths = new_lengths
         if residual is None:  # no layers
             return self.norm(hidden)
         hidden, _ = self.norm.add_and_norm(hidden, residual)
@@ -280,18 +327,28 @@ class SparrowForCausalLM(nn.Module):
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
         position_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> CausalLMOutput:
         """Logits for ``input_ids`` (batch, seq), and the next-token loss when ``labels`` is given.
 
         ``labels`` are aligned with ``input_ids`` (as in Hugging Face: the shift happens here) and -100 marks
         positions without a loss. ``cu_seqlens`` (int32, over the batch * seq flattened tokens) marks packed
         document boundaries: attention stays inside each document and positions restart at each; pass
-        ``max_seqlen`` (the longest document) to avoid a host sync.
+        ``max_seqlen`` (the longest document) to avoid a host sync. With ``kv_cache`` (:class:`KVCache`) the
+        tokens continue each row's cached sequence (see there); ``cu_seqlens`` and ``position_ids`` do not apply.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected (batch, seq), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
-        if position_ids is None:
+        if kv_cache is not None:
+            if cu_seqlens is not None or position_ids is not None:
+                raise ValueError("kv_cache: cannot be combined with cu_seqlens or position_ids")
+            if kv_cache.batch_size != b:
+                raise ValueError(f"kv_cache: holds {kv_cache.batch_size} rows but input_ids has {b}")
+            position_ids = kv_cache.lengths.long().unsqueeze(1) + torch.arange(t, device=input_ids.device)
+            if int(position_ids[:, -1].max()) >= kv_cache.max_len:
+                raise ValueError(f"kv_cache: {t} new tokens overflow the cache of {kv_cache.max_len} positions")
+        elif position_ids is None:
             if cu_seqlens is None:
                 position_ids = torch.arange(t, device=input_ids.device)
             else:
@@ -300,7 +357,7 @@ class SparrowForCausalLM(nn.Module):
             max_seqlen = int(cu_seqlens.diff().max())
         if t > self.config.max_position_embeddings or (max_seqlen is not None and max_seqlen > self.config.max_position_embeddings):
             raise ValueError(f"input_ids: sequence length {max(t, max_seqlen or 0)} exceeds max_position_embeddings ({self.config.max_position_embeddings})")
-        hidden = self.model(input_ids, position_ids, cu_seqlens, max_seqlen)
+        hidden = self.model(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:

@@ -138,3 +138,15 @@ def test_torch_compile_matches_eager_on_cpu():
     torch.testing.assert_close(out.logits, eager.logits, atol=1e-4, rtol=1e-4)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_trains_under_bf16_autocast():
+    # Autocast keeps weights (and the embedding output) float32 while projections run in bf16: the residual
+    # stream and the norms must still get a single dtype.
+    model = SparrowForCausalLM(tiny())
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert model.model.norm.weight.grad is not None and model.model.norm.weight.grad.dtype == torch.float32

@@ -1,0 +1,162 @@
+"""The fine-tuning stages on the shared Trainer: SFT, DPO and the reward model.
+
+Each stage's YAML is the Trainer's (``model``, ``data``, ``train``; ``model.init_from`` names the starting
+checkpoint) plus one section of its own::
+
+    sft: {data: chats.jsonl, template: sparrow, max_length: 512, pack: false, val_fraction: 0.05}
+    dpo: {data: pairs.jsonl, template: sparrow, max_length: 256, beta: 0.1, label_smoothing: 0.0,
+          loss_type: sigmoid, reference: null, val_fraction: 0.05}
+    rm:  {data: pairs.jsonl, template: sparrow, max_length: 256, val_fraction: 0.05}
+
+The tokenizer is the one saved beside the starting model (``tokenizer.json``) unless ``<stage>.tokenizer``
+names another; the finished model folder gets it too, with the stage's chat template in tokenizer_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .model import SparrowForCausalLM
+from .train.config import Config, apply_dict, parse_override, set_key
+
+
+@dataclass
+class StageOptions:
+    data: str | None = None
+    tokenizer: str | None = None
+    template: str = "sparrow"
+    max_length: int = 512
+    val_fraction: float = 0.05
+    pack: bool = False                 # sft
+    beta: float = 0.1                  # dpo
+    label_smoothing: float = 0.0       # dpo
+    loss_type: str = "sigmoid"         # dpo
+    reference: str | None = None       # dpo: default model.init_from
+    cache_reference: bool = True       # dpo: reference log-probs computed once before training
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_stage_config(stage: str, path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[Config, StageOptions]:
+    """The Trainer's config and this stage's options from one YAML; overrides are ``section.key=value`` for
+    either (``dpo.beta=0.2``, ``train.lr=1e-4``)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        values = yaml.safe_load(path.read_text()) or {}
+    own = dict(values.pop(stage, None) or {})
+    config = Config()
+    apply_dict(config, values, str(path or "config"))
+    names = {f.name for f in fields(StageOptions)} - {"extra"}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.startswith(stage + "."):
+            own[key.split(".", 1)[1]] = value
+        else:
+            set_key(config, key, value)
+    unknown = sorted(set(own) - names)
+    if unknown:
+        raise ValueError(f"{stage}: unknown keys {unknown}; valid keys are {sorted(names)}")
+    options = StageOptions(**own)
+    if options.data is None:
+        raise ValueError(f"{stage}.data: a jsonl file is required")
+    if config.model.init_from is None:
+        raise ValueError("model.init_from: the checkpoint folder to start from is required (e.g. runs/pretrain-tiny/model)")
+    config.validate()
+    return config, options
+
+
+def _tokenizer(config: Config, options: StageOptions):
+    from .tokenizer import Tokenizer
+
+    path = Path(options.tokenizer or Path(config.model.init_from) / "tokenizer.json")
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer (set {'<stage>'}.tokenizer)")
+    return Tokenizer.from_file(path), path
+
+
+def _tokenizer_files(out_dir: Path, tokenizer_path: Path, template: str) -> dict[str, Path]:
+    """tokenizer.json and a tokenizer_config.json carrying the stage's chat template, to ship with the model."""
+    from .sft import TEMPLATES
+
+    folder = out_dir / ".tokenizer"
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = tokenizer_path.parent / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    tok_config["chat_template"] = TEMPLATES[template]
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"tokenizer.json": tokenizer_path, "tokenizer_config.json": folder / "tokenizer_config.json"}
+
+
+def _split(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    records = list(records)
+    random.Random(seed).shuffle(records)
+    n_val = int(len(records) * fraction)
+    if fraction > 0 and len(records) > 1:
+        n_val = max(1, n_val)
+    return records[n_val:], records[:n_val]
+
+
+def build_sft(config: Config, options: StageOptions, *, records: list[dict] | None = None, log=print):
+    from .sft import SFTDataset, read_records, to_messages, encode_chat
+    from .train import Trainer
+
+    tok, tok_path = _tokenizer(config, options)
+    records = records if records is not None else read_records(options.data)
+    train, val = _split(records, options.val_fraction, config.data.seed)
+    max_length = min(options.max_length, config.data.seq_len)
+    encode = lambda rows: [encode_chat(tok, to_messages(r), options.template, max_length) for r in rows]
+    data = SFTDataset(encode(train), val_examples=encode(val), pad_id=tok.eot_id or 0, pack=options.pack)
+    from .train.trainer import CausalLMObjective
+
+    return Trainer(config, data, CausalLMObjective(), log=log,
+                   header={"sft": f"{len(train)} conversations ({len(val)} held out), template {options.template}"},
+                   extra_files=_tokenizer_files(Path(config.train.out_dir), tok_path, options.template))
+
+
+def build_dpo(config: Config, options: StageOptions, *, pairs: list[dict] | None = None, log=print):
+    from .align import DPOObjective
+    from .preference import PreferenceDataset, read_pairs
+    from .train import Trainer
+
+    tok, tok_path = _tokenizer(config, options)
+    pairs = pairs if pairs is not None else read_pairs(options.data)
+    train, val = _split(pairs, options.val_fraction, config.data.seed)
+    data = PreferenceDataset(train, tok, template=options.template, max_length=min(options.max_length, config.data.seq_len),
+                             val_pairs=val)
+    reference = SparrowForCausalLM.from_pretrained(options.reference or config.model.init_from)
+    if options.cache_reference:
+        data.cache_reference(reference)
+        objective = DPOObjective(None, beta=options.beta, label_smoothing=options.label_smoothing, loss_type=options.loss_type)
+    else:
+        objective = DPOObjective(reference, beta=options.beta, label_smoothing=options.label_smoothing,
+                                 loss_type=options.loss_type)
+    return Trainer(config, data, objective, log=log,
+                   header={"dpo": f"{len(train)} pairs ({len(val)} held out), beta {options.beta}, "
+                                  f"{options.loss_type}, label smoothing {options.label_smoothing}"},
+                   extra_files=_tokenizer_files(Path(config.train.out_dir), tok_path, options.template))
+
+
+def build_rm(config: Config, options: StageOptions, *, pairs: list[dict] | None = None, log=print):
+    from .align import RewardModel, RewardObjective
+    from .preference import PreferenceDataset, read_pairs
+    from .train import Trainer
+
+    tok, tok_path = _tokenizer(config, options)
+    pairs = pairs if pairs is not None else read_pairs(options.data)
+    train, val = _split(pairs, options.val_fraction, config.data.seed)
+    data = PreferenceDataset(train, tok, template=options.template, max_length=min(options.max_length, config.data.seq_len),
+                             val_pairs=val)
+    model = RewardModel.from_causal_lm(SparrowForCausalLM.from_pretrained(config.model.init_from, backend=config.model.backend))
+    return Trainer(config, data, RewardObjective(), model=model, log=log,
+                   header={"rm": f"{len(train)} pairs ({len(val)} held out)"},
+                   extra_files=_tokenizer_files(Path(config.train.out_dir), tok_path, options.template))

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from sparrow import SparrowConfig, SparrowForCausalLM
+from sparrow.align import RewardModel
+from sparrow.cli import main
+from sparrow.tokenizer import train_tokenizer
+
+TEXTS = ["Question: What is 2 plus 3?\nAnswer: 5.", "问题：3 加 4 等于多少？\n答案：7。", "Hello world, the cat sat."]
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    folder = root / "pretrained"
+    train_tokenizer(TEXTS * 20, vocab_size=400, out_dir=folder, show_progress=False)
+    torch.manual_seed(0)
+    config = SparrowConfig.from_preset("tiny", vocab_size=400, num_hidden_layers=2, max_position_embeddings=128)
+    SparrowForCausalLM(config).save_pretrained(folder)
+    chats = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]}
+             for a in range(4) for b in range(4)]
+    chats.append({"instruction": "Say hello", "input": "", "output": "Hello world"})
+    (root / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    pairs = [{"prompt": f"What is {a} plus 1?", "chosen": str(a + 1), "rejected": str(a + 7)} for a in range(8)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return root
+
+
+def stage_config(root, stage, init_from, **own):
+    values = {"model": {"init_from": str(init_from), "backend": "reference"},
+              "data": {"seq_len": 64, "micro_batch_size": 4},
+              "train": {"out_dir": str(root / stage), "max_steps": 3, "warmup_steps": 1, "lr": 1e-3, "eval_every": 0,
+                        "save_every": 0, "progress": False, "plot": False},
+              stage: {"data": str(root / own.pop("data")), **own}}
+    path = root / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_sft_dpo_rm_generate_eval_export_from_the_command_line(start, capsys):
+    root = start
+    assert main(["sft", "--config", str(stage_config(root, "sft", root / "pretrained", data="sft.jsonl", template="qa"))]) == 0
+    sft_model = root / "sft" / "model"
+    tok_config = json.loads((sft_model / "tokenizer_config.json").read_text())
+    assert "##回答" in tok_config["chat_template"]
+
+    assert main(["dpo", "--config", str(stage_config(root, "dpo", sft_model, data="pairs.jsonl", val_fraction=0.25)),
+                 "dpo.beta=0.2"]) == 0
+    records = [json.loads(line) for line in (root / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if "loss" in r and r.get("step") == 1)
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step
+    assert "rewards/accuracy" in first and "rewards/margin" in first
+
+    assert main(["rm", "--config", str(stage_config(root, "rm", sft_model, data="pairs.jsonl"))]) == 0
+    rm = RewardModel.from_pretrained(root / "rm" / "model")
+    assert rm.score.weight.shape == (1, 128)
+
+    capsys.readouterr()
+    assert main(["generate", str(sft_model), "What is 1 plus 1?", "2 plus 2", "--max-new-tokens", "4"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in lines] == ["What is 1 plus 1?", "2 plus 2"]
+
+    out = root / "eval.json"
+    assert main(["eval", str(root / "dpo" / "model"), "--reference", str(sft_model), "--pairs", str(root / "pairs.jsonl"),
+                 "--limit", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["perplexity"] > 1 and 0 <= result["exact_match"] <= 1
+    assert result["preference"]["n"] == 8
+    assert main(["export", str(root / "dpo" / "model"), str(root / "hf")]) == 0
+    assert {p.name for p in (root / "hf").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                           "tokenizer_config.json", "generation_config.json"}
+
+
+def test_stage_config_errors_name_the_key(start, capsys):
+    path = stage_config(start, "sft", start / "pretrained", data="sft.jsonl")
+    assert main(["sft", "--config", str(path), "sft.beta_typo=1"]) == 2
+    assert "sft: unknown keys ['beta_typo']" in capsys.readouterr().err

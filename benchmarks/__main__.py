@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         if subprocess.run(cmd).returncode != 0:
             failed.append(name)
             continue
-        png = plot(out) if out.exists() else None
+        try:
+            png = plot(out) if out.exists() else None
+        except ImportError as exc:  # the bare GPU machines may lack matplotlib; the JSON is the result
+            print(f"--- {name}: not plotted ({exc})", flush=True)
+            png = None
         print(f"--- {name}: {time.time() - start:.0f} s, {out}" + (f", {png}" if png else ""), flush=True)
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)

@@ -4,6 +4,7 @@
     sparrow tokenizer train|merge    byte-level BPE (sparrow.tokenizer)
     sparrow data clean|tokenize      corpus cleaning and token files (sparrow.data, sparrow.tokenizer)
     sparrow pretrain                 pretraining (sparrow.train)
+    sparrow sft|dpo|rm               fine-tuning stages; generate, chat, eval, export, demo (sparrow.align_cli)
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ COMMAND_MODULES = (
     "sparrow.tokenizer.cli",
     "sparrow.data.cli",
     "sparrow.train.cli",
+    "sparrow.bench_cli",
+    "sparrow.align_cli",
 )
 
 

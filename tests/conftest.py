@@ -19,6 +19,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+class ByteTokenizer:
+    """A tokenizer whose ids are the UTF-8 bytes: enough for tests of generation and evaluation logic."""
+
+    def encode(self, text, allowed_special=None):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(ids).decode(errors="replace")
+
+    def token_to_id(self, token):
+        return None
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import ByteTokenizer
 
 from sparrow import SparrowConfig, SparrowForCausalLM
 from sparrow.align import (
@@ -145,17 +146,6 @@ def test_reward_model_learns_to_rank_pairs():
         loss.backward()
         optimizer.step()
     assert metrics["accuracy"] == 1.0 and loss.item() < math.log(2)
-
-
-class ByteTokenizer:
-    def encode(self, text, allowed_special=None):
-        return list(text.encode())
-
-    def decode(self, ids):
-        return bytes(ids).decode(errors="replace")
-
-    def token_to_id(self, token):
-        return None
 
 
 def test_preference_pairs_from_a_checkpoint_drop_near_identical_answers():

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import ByteTokenizer
 
 from sparrow import SparrowConfig, SparrowForCausalLM
 from sparrow.align import RewardModel, pad_right
@@ -43,24 +44,13 @@ class Item:
     answer: str
 
 
-class ByteTok:
-    def encode(self, text, allowed_special=None):
-        return list(text.encode())
-
-    def decode(self, ids):
-        return bytes(ids).decode(errors="replace")
-
-    def token_to_id(self, token):
-        return None
-
-
 def test_exact_match_counts_greedy_answers():
     model = tiny(vocab=256)
     # Make the model always say "7": a bias on the LM head towards the byte of "7".
     with torch.no_grad():
         model.lm_head.weight.zero_()
     model.lm_head.register_forward_hook(lambda m, i, o: o + torch.nn.functional.one_hot(torch.tensor(ord("7")), 256) * 10)
-    result = exact_match(model, ByteTok(), [Item("1+6=", "7777"), Item("2+2=", "4")], max_new_tokens=4)
+    result = exact_match(model, ByteTokenizer(), [Item("1+6=", "7777"), Item("2+2=", "4")], max_new_tokens=4)
     assert result["exact_match"] == 0.5 and result["samples"][1]["got"] == "7777"
 
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import bandwidth, device_info, peak_memory_mib, print_table, time_fn, write_results  # noqa: E402
+from benchmarks.common import device_info, print_table, time_fwd_bwd, write_results  # noqa: E402
 from sparrow import ops  # noqa: E402
 from sparrow.ops import reference  # noqa: E402
 from sparrow.testing import assert_close  # noqa: E402
@@ -79,26 +79,7 @@ def bench_one(op: str, name: str, fn, tokens: int, hidden: int, dtype, device: s
     moved = tokens * hidden * elem
     fwd_bytes = (4 if fused else 2) * moved
     bwd_bytes = (4 if fused else 3) * moved  # fused: dy, d(sum), x+r (saved) read; one dx written
-    with torch.no_grad():
-        fwd_ms = time_fn(lambda: fn(*args), warmup, rep)
-    outs = out_tensors(fn(*grad_args))
-    cotangents = [torch.randn_like(o) for o in outs]
-    bwd_ms = time_fn(lambda: torch.autograd.grad(outs, leaves, cotangents, retain_graph=True), warmup, rep)
-
-    def fwd_bwd():
-        o = out_tensors(fn(*grad_args))
-        torch.autograd.grad(o, leaves, cotangents)
-
-    fb_ms = time_fn(fwd_bwd, warmup, rep)
-    fwd_gbs, fwd_pct = bandwidth(fwd_bytes, fwd_ms, peak)
-    bwd_gbs, bwd_pct = bandwidth(bwd_bytes, bwd_ms, peak)
-    fb_gbs, fb_pct = bandwidth(fwd_bytes + bwd_bytes, fb_ms, peak)
-    return {
-        "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_bwd_ms": fb_ms,
-        "fwd_gbs": fwd_gbs, "bwd_gbs": bwd_gbs, "fwd_bwd_gbs": fb_gbs,
-        "fwd_pct_peak": fwd_pct, "bwd_pct_peak": bwd_pct, "fwd_bwd_pct_peak": fb_pct,
-        "peak_mem_mib": peak_memory_mib(fwd_bwd),
-    }
+    return time_fwd_bwd(lambda: fn(*args), lambda: fn(*grad_args), leaves, fwd_bytes, bwd_bytes, peak, warmup, rep)
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import bandwidth, device_info, peak_memory_mib, print_table, time_fn, write_results  # noqa: E402
+from benchmarks.common import device_info, print_table, time_fwd_bwd, write_results  # noqa: E402
 from sparrow import ops  # noqa: E402
 from sparrow.ops import reference  # noqa: E402
 from sparrow.testing import assert_close  # noqa: E402
@@ -73,27 +73,10 @@ def bench_one(name, fn, batch, seq, heads, dtype, device, peak, warmup, rep):
     elem = q.element_size()
     qk_bytes = 2 * (q.numel() + k.numel()) * elem
     table_bytes = 2 * cos.numel() * elem
-    with torch.no_grad():
-        fwd_ms = time_fn(lambda: fn(q, k, cos, sin), warmup, rep)
     ql, kl = q.detach().requires_grad_(), k.detach().requires_grad_()
-    outs = fn(ql, kl, cos, sin)
-    cot = [torch.randn_like(o) for o in outs]
-    bwd_ms = time_fn(lambda: torch.autograd.grad(outs, [ql, kl], cot, retain_graph=True), warmup, rep)
-
-    def fwd_bwd():
-        o = fn(ql, kl, cos, sin)
-        torch.autograd.grad(o, [ql, kl], cot)
-
-    fb_ms = time_fn(fwd_bwd, warmup, rep)
-    fwd_gbs, fwd_pct = bandwidth(qk_bytes + table_bytes, fwd_ms, peak)
-    bwd_gbs, bwd_pct = bandwidth(qk_bytes + table_bytes, bwd_ms, peak)
-    fb_gbs, fb_pct = bandwidth(2 * (qk_bytes + table_bytes), fb_ms, peak)
-    return {
-        "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_bwd_ms": fb_ms,
-        "fwd_gbs": fwd_gbs, "bwd_gbs": bwd_gbs, "fwd_bwd_gbs": fb_gbs,
-        "fwd_pct_peak": fwd_pct, "bwd_pct_peak": bwd_pct, "fwd_bwd_pct_peak": fb_pct,
-        "peak_mem_mib": peak_memory_mib(fwd_bwd),
-    }
+    # The backward reads the output gradients and writes the input gradients: the forward's traffic again.
+    moved = qk_bytes + table_bytes
+    return time_fwd_bwd(lambda: fn(q, k, cos, sin), lambda: fn(ql, kl, cos, sin), [ql, kl], moved, moved, peak, warmup, rep)
 
 
 def main(argv=None) -> int:

@@ -133,6 +133,38 @@ def bandwidth(bytes_moved: float, ms: float, peak_gbs: float | None) -> tuple[fl
     return gbs, (100.0 * gbs / peak_gbs if peak_gbs else None)
 
 
+def time_fwd_bwd(forward: Callable[[], object], forward_with_grad: Callable[[], object], leaves: list,
+                 fwd_bytes: float, bwd_bytes: float, peak_gbs: float | None, warmup: int, rep: int) -> dict:
+    """Forward (no grad), backward alone and forward+backward times, with their GB/s, % of peak and peak memory.
+
+    ``forward_with_grad`` runs the op on ``leaves`` (tensors requiring grad); its outputs, a tensor or a tuple,
+    get fixed random cotangents.
+    """
+
+    def as_tuple(out):
+        return out if isinstance(out, tuple) else (out,)
+
+    with torch.no_grad():
+        fwd_ms = time_fn(forward, warmup, rep)
+    outs = as_tuple(forward_with_grad())
+    cotangents = [torch.randn_like(o) for o in outs]
+    bwd_ms = time_fn(lambda: torch.autograd.grad(outs, leaves, cotangents, retain_graph=True), warmup, rep)
+
+    def fwd_bwd():
+        torch.autograd.grad(as_tuple(forward_with_grad()), leaves, cotangents)
+
+    fb_ms = time_fn(fwd_bwd, warmup, rep)
+    fwd_gbs, fwd_pct = bandwidth(fwd_bytes, fwd_ms, peak_gbs)
+    bwd_gbs, bwd_pct = bandwidth(bwd_bytes, bwd_ms, peak_gbs)
+    fb_gbs, fb_pct = bandwidth(fwd_bytes + bwd_bytes, fb_ms, peak_gbs)
+    return {
+        "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_bwd_ms": fb_ms,
+        "fwd_gbs": fwd_gbs, "bwd_gbs": bwd_gbs, "fwd_bwd_gbs": fb_gbs,
+        "fwd_pct_peak": fwd_pct, "bwd_pct_peak": bwd_pct, "fwd_bwd_pct_peak": fb_pct,
+        "peak_mem_mib": peak_memory_mib(fwd_bwd),
+    }
+
+
 def write_results(name: str, rows: list[dict], meta: dict, *, plot: dict | None = None, out: str | Path | None = None) -> Path:
     """Write ``{"meta", "rows", "plot"}`` to ``out`` or benchmarks/results/<device-slug>/<name>.json."""
     path = Path(out) if out else RESULTS / device_slug(meta.get("device")) / f"{name}.json"

@@ -3,7 +3,9 @@ reward model with a Bradley-Terry loss, and the objectives that plug them into :
 
 DPO follows Rafailov et al. and TRL's ``DPOTrainer`` exactly: with ``D = (pi_c - ref_c) - (pi_r - ref_r)`` (log-probs
 summed over the response tokens), the sigmoid loss is ``-(1-e) logsig(b D) - e logsig(-b D)`` and IPO's is
-``(D - 1/(2b))**2``; the implicit rewards are ``b (pi - ref)``.
+``(D - 1/(2b))**2``; the implicit rewards are ``b (pi - ref)``. ``rpo_alpha`` adds TRL's RPO term (Pang et al.,
+"Iterative Reasoning Preference Optimization"): ``alpha`` times the mean negative log-likelihood per chosen
+response token, which keeps DPO from lowering the likelihood of the chosen answers along with the rejected ones.
 """
 
 from __future__ import annotations
@@ -86,11 +88,13 @@ class DPOObjective:
     :func:`precompute_reference`) when present, else are computed here without gradients."""
 
     def __init__(self, reference: nn.Module | None = None, *, beta: float = 0.1, label_smoothing: float = 0.0,
-                 loss_type: str = "sigmoid"):
+                 loss_type: str = "sigmoid", rpo_alpha: float = 0.0):
+        if rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha: must be >= 0, got {rpo_alpha}")
         self.reference = reference
         if reference is not None:
             reference.eval().requires_grad_(False)
-        self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
+        self.beta, self.label_smoothing, self.loss_type, self.rpo_alpha = beta, label_smoothing, loss_type, rpo_alpha
 
     @classmethod
     def from_policy(cls, policy: nn.Module, **kwargs: Any) -> "DPOObjective":
@@ -107,7 +111,14 @@ class DPOObjective:
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         ref_chosen, ref_rejected = self.reference_logprobs(batch)
         chosen, rejected = pair_logprobs(model, batch)
-        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing, self.loss_type)
+        loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing,
+                                 self.loss_type)
+        if self.rpo_alpha:
+            tokens = (batch["chosen_labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+            nll = -chosen.sum() / tokens
+            loss = loss + self.rpo_alpha * nll
+            metrics["nll/chosen"] = float(nll.detach())
+        return loss, metrics
 
     def weight(self, batch: dict[str, Tensor]) -> float:
         return float(batch["chosen_input_ids"].shape[0])

@@ -36,6 +36,22 @@ def register(subparsers) -> None:
         _add_overrides(parser)
         parser.set_defaults(func=run_stage, stage=stage)
 
+    parser = subparsers.add_parser(
+        "pairs", help="preference pairs from your own checkpoint: its sampled answers rejected against the references",
+        description="For each conversation's last user turn, sample MODEL's answer; write {prompt, chosen: the "
+                    "reference answer, rejected: the sample} unless the two are near-identical.")
+    parser.add_argument("model", help="a (weaker or earlier) model folder, e.g. an early SFT checkpoint")
+    parser.add_argument("data", help="conversations jsonl (messages or instruction/output), as for `sparrow sft`")
+    parser.add_argument("out", help="output pairs .jsonl (for `sparrow dpo` / `sparrow rm`)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many conversations (a seeded sample)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-similarity", type=float, default=0.8, help="drop pairs more similar than this (0-1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--template", default="sparrow", help="chat template: sparrow or qa")
+    parser.set_defaults(func=run_pairs)
+
     parser = subparsers.add_parser("generate", help="continue a prompt (or a chat question with --chat)")
     parser.add_argument("model", help="a model folder (with tokenizer.json)")
     parser.add_argument("prompts", nargs="+")
@@ -72,7 +88,10 @@ def register(subparsers) -> None:
     parser.add_argument("--pretrain-steps", type=int, default=240)
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--dpo-steps", type=int, default=60)
-    parser.add_argument("--eval-limit", type=int, default=200)
+    parser.add_argument("--eval-per-task", type=int, default=100, help="held-out exact-match items of each task")
+    parser.add_argument("--check", action="store_true",
+                        help="exit with status 1 unless every learning claim holds (SFT raises exact match; DPO raises "
+                             "preference accuracy and margin without lowering it)")
     parser.set_defaults(func=run_demo)
 
 
@@ -99,9 +118,12 @@ def _load(model_dir: str):
     from .tokenizer import Tokenizer
 
     path = Path(model_dir)
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path / 'tokenizer.json'}: not found (a model folder written by a training stage has it)")
-    return SparrowForCausalLM.from_pretrained(path).eval(), Tokenizer.from_file(path / "tokenizer.json")
+    # A checkpoint's model folder (<out_dir>/checkpoints/step_N/model) finds the run's tokenizer in <out_dir>.
+    for folder in (path, *list(path.parents)[:3]):
+        if (folder / "tokenizer.json").is_file():
+            return SparrowForCausalLM.from_pretrained(path).eval(), Tokenizer.from_file(folder / "tokenizer.json")
+    raise FileNotFoundError(f"{path / 'tokenizer.json'}: not found (a model folder written by a training stage has it, "
+                            "and a checkpoint's run folder)")
 
 
 def _sampling(args, tok):
@@ -110,7 +132,8 @@ def _sampling(args, tok):
 
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                            no_repeat_ngram_size=args.no_repeat_ngram_size, stop_ids=stop_ids(tok), seed=args.seed)
+                            no_repeat_ngram_size=args.no_repeat_ngram_size, stop_ids=stop_ids(tok), seed=args.seed,
+                            vocab_limit=tok.vocab_size)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -182,9 +205,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.template == "none":
         results["exact_match"] = exact_match(model, tok, items)["exact_match"]
     else:
-        from .demo import chat_items
-
-        results["exact_match"] = exact_match(model, tok, chat_items(items), chat_template=args.template)["exact_match"]
+        results["exact_match"] = exact_match(model, tok, items, chat_template=args.template)["exact_match"]
     if args.pairs:
         from .preference import PreferenceDataset, read_pairs
 
@@ -225,9 +246,36 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_pairs(args: argparse.Namespace) -> int:
+    import random
+
+    from .preference import build_pairs, write_pairs
+    from .sft import read_records, to_messages
+
+    model, tok = _load(args.model)
+    examples = []
+    for i, record in enumerate(read_records(args.data), 1):
+        messages = to_messages(record)
+        if messages[-1]["role"] != "assistant" or len(messages) < 2 or messages[-2]["role"] != "user":
+            raise ValueError(f"{args.data}:{i}: the conversation must end with a user turn and its assistant answer")
+        examples.append((messages[-2]["content"], messages[-1]["content"]))
+    if args.limit is not None and args.limit < len(examples):
+        examples = random.Random(args.seed).sample(examples, args.limit)
+    pairs = build_pairs(model, tok, examples, template=args.template, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                        max_similarity=args.max_similarity)
+    write_pairs(pairs, args.out)
+    print(f"wrote {len(pairs)} pairs to {args.out} ({len(examples) - len(pairs)} dropped as near-identical or empty)")
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo as demo
 
-    demo(args.out, pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps, dpo_steps=args.dpo_steps,
-         eval_limit=args.eval_limit)
+    result = demo(args.out, pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps, dpo_steps=args.dpo_steps,
+                  eval_per_task=args.eval_per_task)
+    failed = [c["claim"] for c in result["checks"] if not c["passed"]]
+    if failed and args.check:
+        print(f"demo: {len(failed)} learning check(s) failed: {'; '.join(failed)}")
+        return 1
     return 0

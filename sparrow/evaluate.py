@@ -52,21 +52,30 @@ def exact_match(model: SparrowForCausalLM, tokenizer, items, *, chat_template: s
     """Fraction of ``items`` (with ``prompt`` and ``answer``) whose greedy answer equals the expected one.
 
     ``chat_template=None`` continues the raw prompt (a pretrained model); a template name ("sparrow", "qa")
-    asks it as a user turn and stops at the end-of-turn token (a chat model).
+    asks the item's ``question`` (its ``prompt`` if it has none) as a user turn and stops at the end-of-turn
+    token (a chat model). Items with a ``task`` (:class:`sparrow.data.EvalItem`) are also scored per task.
     """
     stops = [t for t in (tokenizer.token_to_id("<|end|>"), tokenizer.token_to_id("<|endoftext|>")) if t is not None]
     prompts = []
     for item in items:
-        text = item.prompt if chat_template is None else render([{"role": "user", "content": item.prompt}],
-                                                                chat_template, add_generation_prompt=True)
+        if chat_template is None:
+            text = item.prompt
+        else:
+            user = getattr(item, "question", None) or item.prompt
+            text = render([{"role": "user", "content": user}], chat_template, add_generation_prompt=True)
         prompts.append(tokenizer.encode(text, allowed_special="all"))
-    config = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=stops)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=stops, vocab_limit=getattr(tokenizer, "vocab_size", None))
     answers = []
     for start in range(0, len(prompts), batch_size):
         for out in generate(model, prompts[start:start + batch_size], config):
             answers.append(extract_answer(tokenizer.decode([t for t in out if t not in stops])))
     correct = [a == item.answer.strip() for a, item in zip(answers, items)]
-    return {"exact_match": sum(correct) / max(len(items), 1), "n": len(items),
+    by_task: dict[str, list[bool]] = {}
+    for item, ok in zip(items, correct):
+        if getattr(item, "task", None):
+            by_task.setdefault(item.task, []).append(ok)
+    return {"exact_match": sum(correct) / max(len(items), 1), "n": len(items), "correct": correct, "answers": answers,
+            "by_task": {task: sum(oks) / len(oks) for task, oks in by_task.items()},
             "samples": [{"prompt": i.prompt, "expected": i.answer, "got": a} for i, a in list(zip(items, answers))[:5]]}
 
 

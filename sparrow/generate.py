@@ -31,6 +31,9 @@ class GenerationConfig:
     no_repeat_ngram_size: int = 0     # 0: off
     stop_ids: Sequence[int] = field(default_factory=tuple)
     seed: int | None = None
+    # Ids >= this are never emitted: a model's embedding table padded past its tokenizer's vocabulary (50304 rows
+    # for GPT-2's 50257 tokens) has ids the tokenizer cannot decode. None: the whole table.
+    vocab_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -43,6 +46,8 @@ class GenerationConfig:
             raise ValueError("top_k, no_repeat_ngram_size: must be >= 0")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
+        if self.vocab_limit is not None and self.vocab_limit < 1:
+            raise ValueError(f"vocab_limit: must be >= 1, got {self.vocab_limit}")
 
 
 def apply_repetition_penalty(logits: Tensor, seen: list[list[int]], penalty: float) -> Tensor:
@@ -128,6 +133,9 @@ def stream_batch(model: SparrowForCausalLM, prompts: Sequence[Sequence[int]], co
     stops = set(int(s) for s in config.stop_ids)
     done = [False] * len(prompts)
     for step in range(config.max_new_tokens):
+        if config.vocab_limit is not None and config.vocab_limit < last.shape[-1]:
+            last = last.clone()
+            last[:, config.vocab_limit:] = float("-inf")
         chosen = next_tokens(last, seen, config, generator).tolist()
         emitted: list[int | None] = []
         for row, token in enumerate(chosen):

@@ -36,7 +36,7 @@ def build_pairs(model, tokenizer, examples: Sequence[tuple[str, str]], *, templa
     pairs = []
     for start in range(0, len(prompts), batch_size):
         config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                  stop_ids=stops, seed=seed + start)
+                                  stop_ids=stops, seed=seed + start, vocab_limit=getattr(tokenizer, "vocab_size", None))
         outputs = generate(model, prompts[start:start + batch_size], config)
         for (prompt, answer), out in zip(examples[start:start + batch_size], outputs):
             sample = tokenizer.decode([t for t in out if t not in stops]).strip()

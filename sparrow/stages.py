@@ -5,7 +5,7 @@ checkpoint) plus one section of its own::
 
     sft: {data: chats.jsonl, template: sparrow, max_length: 512, pack: false, val_fraction: 0.05}
     dpo: {data: pairs.jsonl, template: sparrow, max_length: 256, beta: 0.1, label_smoothing: 0.0,
-          loss_type: sigmoid, reference: null, val_fraction: 0.05}
+          loss_type: sigmoid, rpo_alpha: 0.0, reference: null, val_fraction: 0.05}
     rm:  {data: pairs.jsonl, template: sparrow, max_length: 256, val_fraction: 0.05}
 
 The tokenizer is the one saved beside the starting model (``tokenizer.json``) unless ``<stage>.tokenizer``
@@ -37,6 +37,7 @@ class StageOptions:
     beta: float = 0.1                  # dpo
     label_smoothing: float = 0.0       # dpo
     loss_type: str = "sigmoid"         # dpo
+    rpo_alpha: float = 0.0             # dpo: weight of the NLL of the chosen answers (TRL's rpo_alpha)
     reference: str | None = None       # dpo: default model.init_from
     cache_reference: bool = True       # dpo: reference log-probs computed once before training
     extra: dict[str, Any] = field(default_factory=dict)
@@ -136,13 +137,12 @@ def build_dpo(config: Config, options: StageOptions, *, pairs: list[dict] | None
     reference = SparrowForCausalLM.from_pretrained(options.reference or config.model.init_from)
     if options.cache_reference:
         data.cache_reference(reference)
-        objective = DPOObjective(None, beta=options.beta, label_smoothing=options.label_smoothing, loss_type=options.loss_type)
-    else:
-        objective = DPOObjective(reference, beta=options.beta, label_smoothing=options.label_smoothing,
-                                 loss_type=options.loss_type)
+        reference = None
+    objective = DPOObjective(reference, beta=options.beta, label_smoothing=options.label_smoothing,
+                             loss_type=options.loss_type, rpo_alpha=options.rpo_alpha)
     return Trainer(config, data, objective, log=log,
                    header={"dpo": f"{len(train)} pairs ({len(val)} held out), beta {options.beta}, "
-                                  f"{options.loss_type}, label smoothing {options.label_smoothing}"},
+                                  f"{options.loss_type}, label smoothing {options.label_smoothing}, rpo_alpha {options.rpo_alpha}"},
                    extra_files=_tokenizer_files(Path(config.train.out_dir), tok_path, options.template))
 
 

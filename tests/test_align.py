@@ -95,6 +95,23 @@ def test_first_dpo_step_has_loss_ln2_when_policy_is_the_reference():
     assert metrics["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_rpo_term_adds_the_mean_nll_per_chosen_token():
+    policy = tiny_model()
+    batch = pair_batch()
+    plain, _ = DPOObjective.from_policy(policy, beta=0.1).loss(policy, batch)
+    loss, metrics = DPOObjective.from_policy(policy, beta=0.1, rpo_alpha=0.5).loss(policy, batch)
+    # By hand: every labelled chosen token's -log p, averaged over all chosen tokens of the batch.
+    logits = policy(batch["chosen_input_ids"]).logits[:, :-1].float().log_softmax(-1)
+    labels = batch["chosen_labels"][:, 1:]
+    picked = [-logits[b, t, labels[b, t]].item() for b in range(labels.shape[0]) for t in range(labels.shape[1])
+              if labels[b, t] != -100]
+    nll = sum(picked) / len(picked)
+    assert metrics["nll/chosen"] == pytest.approx(nll, rel=1e-5)
+    assert loss.item() == pytest.approx(plain.item() + 0.5 * nll, rel=1e-5)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        DPOObjective(None, rpo_alpha=-1)
+
+
 def test_dpo_training_raises_margin_and_cached_reference_gives_the_same_loss():
     policy = tiny_model()
     objective = DPOObjective.from_policy(policy, beta=0.5)

@@ -78,3 +78,46 @@ def test_stage_config_errors_name_the_key(start, capsys):
     path = stage_config(start, "sft", start / "pretrained", data="sft.jsonl")
     assert main(["sft", "--config", str(path), "sft.beta_typo=1"]) == 2
     assert "sft: unknown keys ['beta_typo']" in capsys.readouterr().err
+
+
+def test_pairs_command_builds_preference_data_from_a_checkpoint(start, tmp_path, capsys):
+    import shutil
+
+    chats = tmp_path / "chats.jsonl"
+    assert main(["data", "chats", str(chats)]) == 0
+    records = [json.loads(line) for line in chats.read_text(encoding="utf-8").splitlines()]
+    assert len(records) > 1000 and [m["role"] for m in records[0]["messages"]] == ["user", "assistant"]
+    # A checkpoint's model folder has no tokenizer of its own: the run folder's is found.
+    run = tmp_path / "run"
+    shutil.copytree(start / "pretrained", run / "checkpoints" / "step_00000001" / "model",
+                    ignore=shutil.ignore_patterns("tokenizer*"))
+    shutil.copyfile(start / "pretrained" / "tokenizer.json", run / "tokenizer.json")
+    short = tmp_path / "short.jsonl"  # the fixture's model has a 128-token context: no reading passages
+    short.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records
+                             if len(r["messages"][0]["content"]) < 40), encoding="utf-8")
+    out = tmp_path / "pairs.jsonl"
+    assert main(["pairs", str(run / "checkpoints" / "step_00000001" / "model"), str(short), str(out), "--limit", "8",
+                 "--max-new-tokens", "4", "--seed", "3"]) == 0
+    pairs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    answers = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in records}
+    assert pairs and all(set(p) == {"prompt", "chosen", "rejected"} for p in pairs)
+    assert all(answers[p["prompt"]] == p["chosen"] != p["rejected"] for p in pairs)
+    assert f"wrote {len(pairs)} pairs" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
+    assert main(["pairs", str(start / "pretrained"), str(bad), str(out)]) == 2
+    assert "bad.jsonl:1: the conversation must end with a user turn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
+def test_shipped_stage_configs_are_valid(stage):
+    from pathlib import Path
+
+    from sparrow.stages import load_stage_config
+
+    path = Path(__file__).parents[1] / "configs" / f"{stage}_tiny.yaml"
+    config, options = load_stage_config(stage, path)
+    assert options.data.startswith("runs/data/") and config.model.init_from.startswith("runs/")
+    assert options.max_length <= config.data.seq_len
+    if stage == "dpo":
+        assert options.rpo_alpha > 0 and options.beta == 0.1

@@ -154,7 +154,9 @@ def test_eval_items_are_held_out_of_the_training_text():
     docs = builtin_corpus.generated_documents(0)
     text = "\n".join(docs)
     heldout = builtin_corpus.eval_items(0)
-    assert {i.kind for i in heldout} == {"add", "sub", "mul", "city", "age", "job", "color", "pet"}
+    attributes = {"city", "age", "job", "color", "pet"}
+    assert {i.kind for i in heldout} == {"add", "sub", "mul"} | attributes | {f"read_{a}" for a in attributes}
+    assert {i.task for i in heldout} == {"arithmetic", "facts", "reading"}
     assert {i.lang for i in heldout} == {"en", "zh"}
     assert not [i for i in heldout if i.prompt in text]
     # The facts behind held-out questions are stated in training (as prose), so they can be answered.
@@ -168,6 +170,28 @@ def test_eval_items_are_held_out_of_the_training_text():
     seen = builtin_corpus.eval_items(0, split="seen")
     assert all(builtin_corpus.qa_text(i) in text for i in seen)
     assert builtin_corpus.eval_items(0) == heldout
+
+
+def test_reading_items_ask_about_a_passage_of_people_never_in_training():
+    text = "\n".join(builtin_corpus.generated_documents(0))
+    heldout = builtin_corpus.reading_items(0, split="heldout", count=200)
+    assert {i.lang for i in heldout} == {"en", "zh"} and len({i.kind for i in heldout}) == 5
+    world, pools = builtin_corpus._reading_world(0, 240)
+    for item in heldout:
+        passage, _, question = item.question.rpartition("\n")
+        assert item.prompt == f"{passage}\n{builtin_corpus.qa_prompt(question, item.lang)}"
+        # The question names one of the passage's two people, and the answer is that person's fact.
+        named = [p for p in pools["heldout"] if (p.name_en if item.lang == "en" else p.name_zh) in question]
+        assert len(named) == 1 and (named[0].name_en if item.lang == "en" else named[0].name_zh) in passage
+        assert world.question(named[0], item.kind.removeprefix("read_"), item.lang) == (question, item.answer)
+        assert item.answer.removesuffix("岁") in passage
+    assert not [p for p in pools["heldout"] if p.name_en in text or p.name_zh in text]
+    assert sum(p.name_en in text for p in pools["train"][:200]) > 50  # the passage people of training do occur
+    train = builtin_corpus.finetuning_items(0)
+    assert {i.task for i in train} == {"arithmetic", "facts", "reading"} and not [i for i in train if i.split == "heldout"]
+    assert not {i.prompt for i in train} & {i.prompt for i in builtin_corpus.eval_items(0)}
+    with pytest.raises(ValueError, match="split"):
+        builtin_corpus.reading_items(0, split="seen")
 
 
 def test_builtin_corpus_includes_python_docs():

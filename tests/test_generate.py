@@ -129,6 +129,17 @@ def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy(model):
     assert generate(model, [prompt], GenerationConfig(max_new_tokens=10, temperature=0.7, top_k=1, seed=5)) == greedy
 
 
+def test_vocab_limit_keeps_ids_the_tokenizer_can_decode(model):
+    prompt = prompts([5])[0]
+    free = generate(model, [prompt] * 8, GenerationConfig(max_new_tokens=12, temperature=1.5, seed=2))
+    assert max(max(row) for row in free) >= 150  # unrestricted sampling reaches the upper half of the table
+    for config in (GenerationConfig(max_new_tokens=12, temperature=1.5, seed=2, vocab_limit=150),
+                   GenerationConfig(max_new_tokens=12, vocab_limit=150)):
+        assert max(max(row) for row in generate(model, [prompt] * 8, config)) < 150
+    with pytest.raises(ValueError, match="vocab_limit"):
+        GenerationConfig(vocab_limit=0)
+
+
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()

@@ -5,11 +5,14 @@ Two parts:
 * **Python's own documentation**: the ``pydoc`` help topics (``pydoc_data.topics``) and the docstrings of the
   standard library's top-level modules, read with :mod:`ast` rather than imported (importing every stdlib module
   has side effects: ``antigravity`` opens a browser, ``this`` prints). Real English prose with a long tail.
-* **A generated bilingual world** (English and Chinese), seeded: arithmetic stated in sentences, and facts about
-  fictional people (city, age, job, favourite colour, pet). It is built so later stages can *measure* learning:
-  :func:`eval_items` returns question/answer pairs whose exact question never appears in the training text —
-  arithmetic pairs held out entirely (generalisation), and questions about people whose facts are stated only
-  as prose in training (knowledge extraction, as in "Physics of Language Models" 3.1).
+* **A generated bilingual world** (English and Chinese), seeded: arithmetic stated in sentences, facts about
+  fictional people (city, age, job, favourite colour, pet), and reading passages (two short biographies, then
+  questions answered from them). It is built so later stages can *measure* learning: :func:`eval_items` returns
+  question/answer pairs whose exact question never appears in the training text, in three tasks:
+  ``arithmetic`` (operand pairs held out entirely: generalisation), ``facts`` (questions about people whose
+  facts are stated only as prose in training: knowledge extraction, as in "Physics of Language Models" 3.1) and
+  ``reading`` (passages about people whose names never occur in training: the answer is in the prompt, so this
+  is the task a model of a few million parameters can learn in minutes).
 
 Everything generated depends only on ``seed``, through one :class:`random.Random` per part, so the corpus and
 the evaluation items are reproducible across machines and Python versions of the same minor release (the
@@ -22,12 +25,13 @@ import ast
 import json
 import os
 import random
+import re
 import sys
 import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 # ----------------------------------------------------------------------------------- Python documentation
 
@@ -79,14 +83,28 @@ class Person:
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One exact-match evaluation question. ``prompt`` is what the model is given (ending right before the
-    answer, as the training text is laid out); ``answer`` is the expected continuation, stripped."""
+    """One exact-match evaluation question. ``prompt`` is what a pretrained model is given (ending right before
+    the answer, as the training text is laid out); ``question`` is the same question as a chat user turn (no
+    "Question:/Answer:" frame); ``answer`` is the expected continuation, stripped."""
 
     prompt: str
     answer: str
     lang: str  # "en" | "zh"
-    kind: str  # "add" | "sub" | "mul" | "city" | "age" | "job" | "color" | "pet"
-    split: str  # "heldout": never asked in training; "seen": asked in the training text
+    # "add" | "sub" | "mul" | "city" | "age" | "job" | "color" | "pet" | "read_city" | ... | "read_pet"
+    kind: str
+    split: str  # "heldout": never asked in training; "seen": asked in the training text; "train": for fine-tuning
+    question: str
+
+    @property
+    def task(self) -> str:
+        """"arithmetic", "facts" (closed-book questions about the world's people) or "reading" (answer in the prompt)."""
+        if self.kind in ("add", "sub", "mul"):
+            return "arithmetic"
+        return "reading" if self.kind.startswith("read_") else "facts"
+
+
+TASKS = ("facts", "arithmetic", "reading")
+ATTRIBUTES = ("city", "age", "job", "color", "pet")
 
 
 JOBS = [("teacher", "教师"), ("baker", "面包师"), ("doctor", "医生"), ("farmer", "农民"), ("painter", "画家"),
@@ -123,22 +141,29 @@ class World:
         zh_pairs = [a + b for a in _CITY_ZH_HEAD for b in _CITY_ZH_TAIL]
         rng.shuffle(zh_pairs)
         self.cities = [(heads[i] + _CITY_EN_TAIL[i % len(_CITY_EN_TAIL)], zh_pairs[i] + "城") for i in range(len(heads))]
-        en_names: set[str] = set()
-        zh_names: set[str] = set()
-        people = []
-        while len(people) < num_people:
-            en = f"{self._en_word(rng)} {self._en_word(rng)}"
-            zh = rng.choice(_ZH_SURNAMES) + "".join(rng.choice(_ZH_GIVEN) for _ in range(rng.choice((1, 2))))
-            if en in en_names or zh in zh_names:
-                continue
-            en_names.add(en)
-            zh_names.add(zh)
-            people.append(Person(en, zh, rng.randrange(len(self.cities)), rng.randint(18, 80), rng.randrange(len(JOBS)),
-                                 rng.randrange(len(COLORS)), rng.randrange(len(PETS))))
-        self.people = people
+        self._names: set[str] = set()
+        self._name_prefixes: set[str] = set()
+        self.people = [self.new_person(rng) for _ in range(num_people)]
         order = list(range(num_people))
         rng.shuffle(order)
         self.heldout = set(order[: round(num_people * heldout_fraction)])
+
+    def new_person(self, rng: random.Random) -> Person:
+        """A person whose names are neither a prefix of, nor extended by, a name this world has made so far
+        ("王明" and "王明华" are two people, but text about the second would contain the first)."""
+        while True:
+            en = f"{self._en_word(rng)} {self._en_word(rng)}"
+            zh = rng.choice(_ZH_SURNAMES) + "".join(rng.choice(_ZH_GIVEN) for _ in range(rng.choice((1, 2))))
+            if not any(self._clashes(name) for name in (en, zh)):
+                break
+        for name in (en, zh):
+            self._names.add(name)
+            self._name_prefixes.update(name[:k] for k in range(1, len(name) + 1))
+        return Person(en, zh, rng.randrange(len(self.cities)), rng.randint(18, 80), rng.randrange(len(JOBS)),
+                      rng.randrange(len(COLORS)), rng.randrange(len(PETS)))
+
+    def _clashes(self, name: str) -> bool:
+        return name in self._name_prefixes or any(name[:k] in self._names for k in range(1, len(name)))
 
     @staticmethod
     def _en_word(rng: random.Random) -> str:
@@ -170,23 +195,35 @@ class World:
             [f"{n}养了一{measure}{pet_zh}。", f"{n}的宠物是{pet_zh}。", f"{n}家里有一{measure}{pet_zh}。"],
         ]
 
+    def question(self, p: Person, kind: str, lang: str) -> tuple[str, str]:
+        """(question, answer) about one attribute of ``p``."""
+        city_en, city_zh = self.cities[p.city]
+        en, zh = p.name_en, p.name_zh
+        rows = {
+            "city": (f"Where does {en} live?", city_en, f"{zh}住在哪里？", city_zh),
+            "age": (f"How old is {en}?", str(p.age), f"{zh}多少岁？", f"{p.age}岁"),
+            "job": (f"What does {en} do for a living?", JOBS[p.job][0], f"{zh}的职业是什么？", JOBS[p.job][1]),
+            "color": (f"What is {en}'s favorite color?", COLORS[p.color][0], f"{zh}最喜欢什么颜色？", COLORS[p.color][1]),
+            "pet": (f"What pet does {en} have?", PETS[p.pet][0], f"{zh}养了什么宠物？", PETS[p.pet][1]),
+        }
+        q_en, a_en, q_zh, a_zh = rows[kind]
+        return (q_en, a_en) if lang == "en" else (q_zh, a_zh)
+
     def questions(self, index: int) -> list[EvalItem]:
         p = self.people[index]
-        city_en, city_zh = self.cities[p.city]
         split = "heldout" if index in self.heldout else "seen"
-        en, zh = p.name_en, p.name_zh
-        rows = [
-            ("city", f"Where does {en} live?", city_en, f"{zh}住在哪里？", city_zh),
-            ("age", f"How old is {en}?", str(p.age), f"{zh}多少岁？", f"{p.age}岁"),
-            ("job", f"What does {en} do for a living?", JOBS[p.job][0], f"{zh}的职业是什么？", JOBS[p.job][1]),
-            ("color", f"What is {en}'s favorite color?", COLORS[p.color][0], f"{zh}最喜欢什么颜色？", COLORS[p.color][1]),
-            ("pet", f"What pet does {en} have?", PETS[p.pet][0], f"{zh}养了什么宠物？", PETS[p.pet][1]),
-        ]
         items = []
-        for kind, q_en, a_en, q_zh, a_zh in rows:
-            items.append(EvalItem(qa_prompt(q_en, "en"), a_en, "en", kind, split))
-            items.append(EvalItem(qa_prompt(q_zh, "zh"), a_zh, "zh", kind, split))
+        for kind in ATTRIBUTES:
+            for lang in ("en", "zh"):
+                question, answer = self.question(p, kind, lang)
+                items.append(EvalItem(qa_prompt(question, lang), answer, lang, kind, split, question))
         return items
+
+    def biography(self, p: Person, lang: str, rng: random.Random) -> str:
+        """One paraphrase of each of ``p``'s facts, in random order."""
+        facts = [rng.choice(options) for options in self.statements(p, lang)]
+        rng.shuffle(facts)
+        return (" " if lang == "en" else "").join(facts)
 
 
 def qa_prompt(question: str, lang: str) -> str:
@@ -205,9 +242,7 @@ def _world_documents(world: World, rng: random.Random, bios_per_person: int) -> 
         for lang in ("en", "zh"):
             bios = []
             for _ in range(bios_per_person):
-                facts = [rng.choice(options) for options in world.statements(p, lang)]
-                rng.shuffle(facts)
-                bios.append((" " if lang == "en" else "").join(facts))
+                bios.append(world.biography(p, lang, rng))
             if lang == "en":
                 bios.append(f"{p.name_en}'s Chinese name is {p.name_zh}.")
             else:
@@ -223,7 +258,7 @@ def _world_documents(world: World, rng: random.Random, bios_per_person: int) -> 
 
 # ------------------------------------------------------------------------------------------- arithmetic
 
-def _heldout_pairs(seed: int) -> dict[str, set[tuple[int, int]]]:
+def heldout_operand_pairs(seed: int) -> dict[str, set[tuple[int, int]]]:
     """Unordered operand pairs never stated in training, so commutativity cannot leak the answer's sentence."""
     rng = random.Random(f"sparrow-arith-heldout-{seed}")
     add = {tuple(sorted(rng.sample(range(10, 100), 2))) for _ in range(120)}
@@ -231,14 +266,15 @@ def _heldout_pairs(seed: int) -> dict[str, set[tuple[int, int]]]:
     return {"add": add, "sub": add, "mul": mul}
 
 
-def _arith_question(op: str, a: int, b: int, lang: str) -> EvalItem:
+def arithmetic_item(op: str, a: int, b: int, lang: str, split: str = "heldout") -> EvalItem:
     if op == "add":
         q, r = (f"What is {a} plus {b}?", f"{a} 加 {b} 等于多少？"), a + b
     elif op == "sub":
         q, r = (f"What is {a} minus {b}?", f"{a} 减 {b} 等于多少？"), a - b
     else:
         q, r = (f"What is {a} times {b}?", f"{a} 乘以 {b} 等于多少？"), a * b
-    return EvalItem(qa_prompt(q[0] if lang == "en" else q[1], lang), str(r), lang, op, "heldout")
+    question = q[0] if lang == "en" else q[1]
+    return EvalItem(qa_prompt(question, lang), str(r), lang, op, split, question)
 
 
 def _arith_sentence(rng: random.Random, heldout: dict[str, set[tuple[int, int]]], lang: str) -> str:
@@ -254,7 +290,7 @@ def _arith_sentence(rng: random.Random, heldout: dict[str, set[tuple[int, int]]]
             break
     form = rng.randrange(3)
     if form == 0:  # question and answer, the layout of the evaluation prompts
-        return qa_text(_arith_question(op, a, b, lang))
+        return qa_text(arithmetic_item(op, a, b, lang))
     word_en = {"add": "plus", "sub": "minus", "mul": "times"}[op]
     word_zh = {"add": "加", "sub": "减", "mul": "乘以"}[op]
     r = {"add": a + b, "sub": a - b, "mul": a * b}[op]
@@ -264,7 +300,7 @@ def _arith_sentence(rng: random.Random, heldout: dict[str, set[tuple[int, int]]]
 
 
 def _arithmetic_documents(rng: random.Random, seed: int, num_docs: int, lines_per_doc: int = 20) -> list[str]:
-    heldout = _heldout_pairs(seed)
+    heldout = heldout_operand_pairs(seed)
     docs = []
     for _ in range(num_docs):
         lang = rng.choice(("en", "zh"))
@@ -272,24 +308,101 @@ def _arithmetic_documents(rng: random.Random, seed: int, num_docs: int, lines_pe
     return docs
 
 
+def arithmetic_items(seed: int, count: int) -> list[EvalItem]:
+    """``count`` arithmetic questions (split "train") on operand pairs the corpus may state, never the held-out
+    ones: fine-tuning data for the arithmetic task."""
+    rng = random.Random(f"sparrow-arith-train-{seed}")
+    heldout = heldout_operand_pairs(seed)
+    items = []
+    while len(items) < count:
+        op = rng.choice(("add", "sub", "mul"))
+        a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "mul" else (rng.randint(10, 99), rng.randint(10, 99))
+        if op == "sub" and a < b:
+            a, b = b, a
+        if tuple(sorted((a, b))) in heldout[op]:
+            continue
+        items.append(arithmetic_item(op, a, b, rng.choice(("en", "zh")), split="train"))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+# People of the reading passages, apart from the world's: "train" people appear in the corpus's passages and in
+# fine-tuning data; "heldout" people never appear in training, so their questions can only be answered by
+# reading the passage.
+_READING_PEOPLE = {"train": 3000, "heldout": 600}
+
+
+@lru_cache(maxsize=4)
+def _reading_world(seed: int, num_people: int) -> tuple[World, dict[str, tuple[Person, ...]]]:
+    world = World(seed, num_people)  # new_person avoids the world's names and each earlier reading person's
+    pools = {}
+    for split, size in _READING_PEOPLE.items():
+        rng = random.Random(f"sparrow-reading-people-{split}-{seed}")
+        pools[split] = tuple(world.new_person(rng) for _ in range(size))
+    return world, pools
+
+
+def _passage(world: World, people: Sequence[Person], lang: str, rng: random.Random) -> str:
+    return "\n".join(world.biography(p, lang, rng) for p in people)
+
+
+def _reading_item(world: World, pool: Sequence[Person], rng: random.Random, split: str) -> EvalItem:
+    lang = rng.choice(("en", "zh"))
+    people = rng.sample(pool, 2)
+    passage = _passage(world, people, lang, rng)
+    kind = rng.choice(ATTRIBUTES)
+    question, answer = world.question(rng.choice(people), kind, lang)
+    return EvalItem(f"{passage}\n{qa_prompt(question, lang)}", answer, lang, f"read_{kind}", split,
+                    f"{passage}\n{question}")
+
+
+def reading_items(seed: int = 0, *, split: str = "heldout", count: int = 480, num_people: int = 240) -> list[EvalItem]:
+    """``count`` reading questions: a passage of two short biographies, then a question about one of the two.
+    ``split="heldout"``: people who never occur in the training text; ``"train"``: people of the corpus's
+    passages, for fine-tuning."""
+    if split not in ("heldout", "train"):
+        raise ValueError(f"split: must be 'heldout' or 'train', got {split!r}")
+    world, pools = _reading_world(seed, num_people)
+    rng = random.Random(f"sparrow-reading-items-{split}-{seed}")
+    return [_reading_item(world, pools[split], rng, split) for _ in range(count)]
+
+
+def _reading_documents(seed: int, num_people: int, rng: random.Random, num_docs: int,
+                       questions_per_doc: int = 3) -> list[str]:
+    world, pools = _reading_world(seed, num_people)
+    docs = []
+    for _ in range(num_docs):
+        lang = rng.choice(("en", "zh"))
+        people = rng.sample(pools["train"], 2)
+        lines = [_passage(world, people, lang, rng)]
+        for kind in rng.sample(ATTRIBUTES, questions_per_doc):
+            question, answer = world.question(rng.choice(people), kind, lang)
+            lines.append(qa_text(EvalItem(qa_prompt(question, lang), answer, lang, kind, "train", question)))
+        docs.append("\n".join(lines))
+    return docs
+
+
 # ----------------------------------------------------------------------------------------------- public
 
 def generated_documents(seed: int = 0, *, num_people: int = 240, bios_per_person: int = 3,
-                        arithmetic_docs: int = 1000) -> list[str]:
-    """The generated bilingual documents (world facts and arithmetic), shuffled together, deterministic in seed."""
+                        arithmetic_docs: int = 1000, reading_docs: int = 1000) -> list[str]:
+    """The generated bilingual documents (world facts, arithmetic, reading passages), shuffled together,
+    deterministic in seed."""
     world = World(seed, num_people)
     rng = random.Random(f"sparrow-corpus-{seed}")
     docs = _world_documents(world, rng, bios_per_person) + _arithmetic_documents(rng, seed, arithmetic_docs)
+    docs += _reading_documents(seed, num_people, random.Random(f"sparrow-reading-docs-{seed}"), reading_docs)
     rng.shuffle(docs)
     return docs
 
 
 def builtin_documents(seed: int = 0, *, python_docs: bool = True, num_people: int = 240, bios_per_person: int = 3,
-                      arithmetic_docs: int = 1000) -> list[str]:
+                      arithmetic_docs: int = 1000, reading_docs: int = 1000) -> list[str]:
     """The whole built-in corpus: Python's documentation (if ``python_docs``) then the generated documents,
     interleaved deterministically."""
     docs = generated_documents(seed, num_people=num_people, bios_per_person=bios_per_person,
-                               arithmetic_docs=arithmetic_docs)
+                               arithmetic_docs=arithmetic_docs, reading_docs=reading_docs)
     if python_docs:
         docs = _cached_python_docs() + docs
         random.Random(f"sparrow-mix-{seed}").shuffle(docs)
@@ -302,36 +415,78 @@ def _cached_python_docs() -> list[str]:
     return pydoc_topics() + stdlib_docstrings()
 
 
-def eval_items(seed: int = 0, *, num_people: int = 240, split: str = "heldout") -> list[EvalItem]:
+def eval_items(seed: int = 0, *, num_people: int = 240, split: str = "heldout", reading: int = 480) -> list[EvalItem]:
     """Exact-match question/answer items about the generated part of the corpus with the same ``seed``.
 
     ``split="heldout"``: questions that never appear in the training text: arithmetic on held-out operand pairs,
-    and questions about people whose facts appear only as statements. ``split="seen"``: questions asked (with
-    their answers) in the training text, a memorisation baseline. ``split="all"``: both.
+    questions about people whose facts appear only as statements, and ``reading`` passages about people who never
+    occur in training. ``split="seen"``: questions asked (with their answers) in the training text, a
+    memorisation baseline. ``split="all"``: both.
     """
     if split not in ("heldout", "seen", "all"):
         raise ValueError(f"split: must be 'heldout', 'seen' or 'all', got {split!r}")
     world = World(seed, num_people)
     items = [item for i in range(len(world.people)) for item in world.questions(i)]
-    pairs = _heldout_pairs(seed)
+    pairs = heldout_operand_pairs(seed)
     for op in ("add", "sub", "mul"):
         for a, b in sorted(pairs[op]):
             if op == "sub":
                 a, b = b, a  # larger first: the training text only subtracts down to zero
             for lang in ("en", "zh"):
-                items.append(_arith_question(op, a, b, lang))
+                items.append(arithmetic_item(op, a, b, lang))
+    items += reading_items(seed, split="heldout", count=reading, num_people=num_people)
     return [item for item in items if split == "all" or item.split == split]
 
 
-def write_jsonl(docs: Iterable[str], path: str | os.PathLike, field: str = "text") -> int:
-    """Write documents as JSON lines (``{field: text}``), atomically; returns the count."""
+def finetuning_items(seed: int = 0, *, num_people: int = 240) -> list[EvalItem]:
+    """Questions for fine-tuning, none held out: those the corpus asks about its "seen" people, half as many on
+    arithmetic operand pairs the corpus may state, and half as many on reading passages about the corpus's
+    passage people."""
+    seen = eval_items(seed, num_people=num_people, split="seen", reading=0)
+    return (seen + arithmetic_items(seed, len(seen) // 2)
+            + reading_items(seed, split="train", count=len(seen) // 2, num_people=num_people))
+
+
+@lru_cache(maxsize=4)
+def _answer_values(seed: int, num_people: int) -> dict[tuple[str, str], frozenset[str]]:
+    cities = World(seed, num_people).cities
+    values = {}
+    for lang, column in (("en", 0), ("zh", 1)):
+        values["city", lang] = frozenset(c[column] for c in cities)
+        values["job", lang] = frozenset(j[column] for j in JOBS)
+        values["color", lang] = frozenset(c[column] for c in COLORS)
+        values["pet", lang] = frozenset(p[column] for p in PETS)
+    return values
+
+
+def answer_has_the_asked_type(item: EvalItem, answer: str, seed: int = 0, num_people: int = 240) -> bool:
+    """Whether ``answer`` is a value of the kind ``item`` asks for (a city for a city question, a number for
+    arithmetic, "N岁" for a Chinese age question), right or not: what a model that has learned the task's answer
+    format, but not the answer, gets right."""
+    answer = answer.strip()
+    kind = item.kind.removeprefix("read_")
+    if kind in ("add", "sub", "mul"):
+        return re.fullmatch(r"-?\d+", answer) is not None
+    if kind == "age":
+        return re.fullmatch(r"\d+岁" if item.lang == "zh" else r"\d+", answer) is not None
+    return answer in _answer_values(seed, num_people)[kind, item.lang]
+
+
+def chat_record(item: EvalItem) -> dict:
+    """``item`` as a one-turn conversation (the ``messages`` jsonl that ``sparrow sft`` reads)."""
+    return {"messages": [{"role": "user", "content": item.question}, {"role": "assistant", "content": item.answer}]}
+
+
+def write_jsonl(docs: Iterable[str], path: str | os.PathLike, field: str | None = "text") -> int:
+    """Write documents as JSON lines (``{field: text}``; with ``field=None`` each is already a JSON line),
+    atomically; returns the count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     count = 0
     with open(tmp, "w", encoding="utf-8") as f:
         for doc in docs:
-            f.write(json.dumps({field: doc}, ensure_ascii=False) + "\n")
+            f.write((doc if field is None else json.dumps({field: doc}, ensure_ascii=False)) + "\n")
             count += 1
     os.replace(tmp, path)
     return count

@@ -48,6 +48,13 @@ def register(subparsers) -> None:
     items.add_argument("--split", default="heldout", choices=("heldout", "seen", "all"))
     items.set_defaults(func=run_eval_items)
 
+    chats = data_sub.add_parser("chats", help="write the built-in fine-tuning conversations (messages jsonl for `sparrow sft`)",
+                                description="Questions the corpus asks about its seen people, arithmetic on operand "
+                                            "pairs it may state, and reading passages; none is held out.")
+    chats.add_argument("output", metavar="OUT", help="output .jsonl")
+    chats.add_argument("--seed", type=int, default=0)
+    chats.set_defaults(func=run_chats)
+
     try:
         from sparrow.tokenizer.corpus import register_data_commands
     except ImportError:
@@ -86,6 +93,15 @@ def run_builtin(args: argparse.Namespace) -> int:
 
     count = write_jsonl(builtin_documents(args.seed, python_docs=not args.no_python_docs), args.output)
     print(f"wrote {count} documents to {args.output}")
+    return 0
+
+
+def run_chats(args: argparse.Namespace) -> int:
+    from .builtin_corpus import chat_record, finetuning_items, write_jsonl
+
+    count = write_jsonl((json.dumps(chat_record(i), ensure_ascii=False) for i in finetuning_items(args.seed)),
+                        args.output, field=None)
+    print(f"wrote {count} conversations to {args.output}")
     return 0
 
 

@@ -1,6 +1,6 @@
-"""The built-in corpus as a token file: train a byte-level BPE tokenizer on it and tokenize it, once, into a cache
-folder keyed by every setting that changes the result, so later runs (and every rank of a distributed run)
-reuse it.
+"""The built-in corpus as a token file: clean it, train a byte-level BPE tokenizer on it and tokenize it, once,
+into a cache folder keyed by every setting that changes the result, so later runs (and every rank of a distributed
+run) reuse it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .packing import token_file_paths
 
 TOKENIZER_FILE = "tokenizer.json"
 # Bump when the preparation changes in a way the cache key does not capture.
-_PREPARE_VERSION = 1
+_PREPARE_VERSION = 2  # 2: cleaned with sparrow.data.cleaning; reading passages
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,33 @@ class PreparedData:
     tokens: Path  # token file prefix
     tokenizer_dir: Path  # holds tokenizer.json
     num_documents: int
+    cleaning: dict  # per cleaning step: documents removed and changed
+
+
+def cleaning_steps():
+    """The corpus cleaner's default steps; near-duplicate removal only where ``datasketch`` is installed (the
+    step names are part of the cache key, so the two kinds of install never share a cache entry)."""
+    from .cleaning import default_steps
+
+    try:
+        import datasketch  # noqa: F401
+        near = True
+    except ImportError:
+        near = False
+    return default_steps(near_dedup=near)
 
 
 def prepare_builtin(cache_dir: str | os.PathLike, *, vocab_size: int, seed: int = 0, python_docs: bool = True,
-                    arithmetic_docs: int = 1000, num_people: int = 240, log=print) -> PreparedData:
-    """Tokenizer and token file for the built-in corpus, built on first use and cached under ``cache_dir``."""
+                    arithmetic_docs: int = 1000, num_people: int = 240, reading_docs: int = 1000,
+                    log=print) -> PreparedData:
+    """Cleaned corpus, tokenizer and token file for the built-in corpus, built on first use and cached under
+    ``cache_dir``."""
+    from .cleaning import Cleaner
+
+    steps = cleaning_steps()
     settings = {"version": _PREPARE_VERSION, "vocab_size": vocab_size, "seed": seed, "python_docs": python_docs,
-                "arithmetic_docs": arithmetic_docs, "num_people": num_people, "tokenizer": _backend_name(),
+                "arithmetic_docs": arithmetic_docs, "num_people": num_people, "reading_docs": reading_docs,
+                "cleaning": [name for name, _ in steps], "tokenizer": _backend_name(),
                 "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / f"builtin-v{vocab_size}-s{seed}-{key}"
@@ -40,9 +60,16 @@ def prepare_builtin(cache_dir: str | os.PathLike, *, vocab_size: int, seed: int 
     bin_path, json_path = token_file_paths(prefix)
     if json_path.is_file() and bin_path.is_file() and (folder / TOKENIZER_FILE).is_file():
         meta = json.loads(json_path.read_text())
-        return PreparedData(prefix, folder, int(meta["num_documents"]))
+        report = json.loads((folder / "cleaning.json").read_text()) if (folder / "cleaning.json").is_file() else {}
+        return PreparedData(prefix, folder, int(meta["num_documents"]), report)
     log(f"preparing the built-in corpus in {folder} (once; later runs reuse it)")
-    docs = builtin_documents(seed, python_docs=python_docs, arithmetic_docs=arithmetic_docs, num_people=num_people)
+    raw = builtin_documents(seed, python_docs=python_docs, arithmetic_docs=arithmetic_docs, num_people=num_people,
+                            reading_docs=reading_docs)
+    cleaner = Cleaner(steps)
+    docs = list(cleaner(raw))
+    log("cleaning:\n" + cleaner.report())
+    report = {"documents_in": cleaner.documents_in, "documents_out": cleaner.documents_out,
+              "steps": {s.name: {"removed": s.removed, "changed": s.changed} for s in cleaner.stats}}
     # Built in a private folder and renamed into place, so concurrent or killed preparations never leave
     # a half-written cache entry that a later run would trust.
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
@@ -53,6 +80,7 @@ def prepare_builtin(cache_dir: str | os.PathLike, *, vocab_size: int, seed: int 
         tokenize(docs, tmp / TOKENIZER_FILE, tmp / "tokens", source=f"builtin(seed={seed})",
                  recorded_tokenizer=str(folder / TOKENIZER_FILE))
         (tmp / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+        (tmp / "cleaning.json").write_text(json.dumps(report, indent=2) + "\n")
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -60,7 +88,7 @@ def prepare_builtin(cache_dir: str | os.PathLike, *, vocab_size: int, seed: int 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return PreparedData(prefix, folder, len(docs))
+    return PreparedData(prefix, folder, len(docs), report)
 
 
 def _backend_name() -> str:

@@ -70,6 +70,7 @@ class DataSection:
     builtin_python_docs: bool = True
     builtin_arithmetic_docs: int = 1000
     builtin_num_people: int = 240
+    builtin_reading_docs: int = 1000
 
 
 @dataclass

@@ -1,0 +1,73 @@
+"""`sparrow demo`: the checks it makes, a shrunk run of the whole chain, and the default run's claims."""
+
+import json
+
+import pytest
+
+from sparrow.cli import main
+from sparrow.demo import heldout_sample, learning_checks, run_demo
+
+
+def rows(pre=(0.0, 0.01), sft=(0.30, 0.60, 0.40), dpo=(0.31, 0.70, 0.90)):
+    return [{"stage": "pretrain", "exact_match_raw_prompt": pre[0], "exact_match_chat": pre[1]},
+            {"stage": "sft", "exact_match_chat": sft[0], "preference_accuracy": sft[1], "preference_margin": sft[2]},
+            {"stage": "dpo", "exact_match_chat": dpo[0], "preference_accuracy": dpo[1], "preference_margin": dpo[2]}]
+
+
+def test_learning_checks_state_each_claim_with_its_figures():
+    checks = learning_checks(rows())
+    assert [c["passed"] for c in checks] == [True, True, True, True]
+    assert checks[0]["figures"] == "0.010 -> 0.300"  # the better of the two ways of asking the pretrained model
+    failed = learning_checks(rows(pre=(0.4, 0.0), dpo=(0.29, 0.60, 0.90)))
+    assert [c["passed"] for c in failed] == [False, False, True, False]
+    assert failed[3]["claim"] == "DPO does not lower exact match" and failed[3]["figures"] == "0.300 -> 0.290"
+
+
+def test_typed_answers_are_values_of_the_asked_kind():
+    from sparrow.data.builtin_corpus import EvalItem, answer_has_the_asked_type, eval_items
+
+    items = {(i.kind, i.lang): i for i in eval_items(0)}
+    answers = {("city", "en"): items["city", "en"].answer, ("read_job", "zh"): "木匠", ("age", "zh"): "31岁",
+               ("add", "en"): "-4", ("pet", "en"): "red", ("age", "en"): "31岁", ("mul", "zh"): "12个"}
+    typed = {key: answer_has_the_asked_type(items[key], answer) for key, answer in answers.items()}
+    assert typed == {("city", "en"): True, ("read_job", "zh"): True, ("age", "zh"): True, ("add", "en"): True,
+                     ("pet", "en"): False, ("age", "en"): False, ("mul", "zh"): False}
+    assert all(answer_has_the_asked_type(i, i.answer) for i in eval_items(0))
+
+
+def test_heldout_sample_weighs_the_tasks_equally():
+    sample = heldout_sample(0, 7)
+    assert len(sample) == 21 and {i.task for i in sample} == {"facts", "arithmetic", "reading"}
+    assert all(i.split == "heldout" for i in sample) and heldout_sample(0, 7) == sample
+
+
+@pytest.mark.slow
+def test_shrunk_demo_runs_every_stage_and_writes_the_report(tmp_path):
+    overrides = {"data.builtin_python_docs": False, "data.builtin_arithmetic_docs": 40, "data.builtin_reading_docs": 40,
+                 "model.vocab_size": 512, "model.num_hidden_layers": 1, "model.hidden_size": 64}
+    lines = []
+    result = run_demo(tmp_path / "demo", pretrain_steps=3, sft_steps=4, dpo_steps=2, eval_per_task=2,
+                      cache_dir=tmp_path / "cache", overrides=overrides, log=lines.append)
+    report = tmp_path / "demo" / "report"
+    saved = json.loads((report / "metrics.json").read_text())
+    assert [r["stage"] for r in saved["stages"]] == ["pretrain", "sft", "dpo"]
+    assert all(0 <= r["typed_answer_chat"] <= 1 for r in saved["stages"])
+    assert len(saved["checks"]) == 4 and saved["checks"] == result["checks"]
+    assert set(saved["exact_match_by_task"]["sft"]) == {"facts", "arithmetic", "reading"}
+    assert saved["cleaning"]["documents_out"] <= saved["cleaning"]["documents_in"]
+    assert "cleaning" in "\n".join(lines) and any(line.startswith("\nchecks:") for line in lines)
+    for name in ("sft_train.jsonl", "pairs_train.jsonl", "pairs_heldout.jsonl", "loss_pretrain.png",
+                 "hf_model/config.json", "hf_model/tokenizer_config.json"):
+        assert (report / name).is_file(), name
+    first = json.loads((report / "sft_train.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+
+
+@pytest.mark.slow
+def test_default_demo_shows_learning_on_held_out_items(tmp_path, monkeypatch):
+    """The README's main job, as shipped: every learning claim holds (`sparrow demo --check` exits 0). About ten
+    minutes on 2 CPU cores, the longest test: `pytest -m "not slow"` leaves it out."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--check", "--out", str(tmp_path / "demo")]) == 0
+    checks = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())["checks"]
+    assert all(c["passed"] for c in checks), checks

@@ -35,10 +35,10 @@ from .evaluate import exact_match, preference_accuracy
 from .model import SparrowForCausalLM
 
 
-def heldout_sample(seed: int, per_task: int) -> list[EvalItem]:
+def heldout_sample(seed: int, per_task: int, num_people: int = 240) -> list[EvalItem]:
     """``per_task`` held-out items of each task, drawn with ``seed``, so each task weighs the same."""
     rng = random.Random(f"sparrow-demo-eval-{seed}")
-    items = eval_items(seed, split="heldout")
+    items = eval_items(seed, split="heldout", num_people=num_people)
     sample = []
     for task in TASKS:
         group = [i for i in items if i.task == task]
@@ -138,19 +138,20 @@ def run_demo(out: str | Path = "runs/demo", *, pretrain_steps: int = 240, sft_st
     pre_dir = out / "pretrain" / "model"
     tok = Tokenizer.from_file(pre_dir / "tokenizer.json")
     model = SparrowForCausalLM.from_pretrained(pre_dir).eval()
-    heldout = heldout_sample(seed, eval_per_task)
+    # The corpus's world (its seed and size) is what the questions must be about.
+    heldout = heldout_sample(d.builtin_seed, eval_per_task, d.builtin_num_people)
     t0 = time.perf_counter()
     em_raw = exact_match(model, tok, heldout)
     em_pre = exact_match(model, tok, heldout, chat_template="sparrow")
     timings["eval_pretrain"] = time.perf_counter() - t0
     rows.append({"stage": "pretrain", "loss": _loss_tail(pre), "val_ppl": math.exp(pre.val_loss) if pre.val_loss else None,
                  "exact_match_raw_prompt": em_raw["exact_match"], "exact_match_chat": em_pre["exact_match"],
-                 "typed_answer_chat": typed_answer_rate(heldout, em_pre, seed)})
+                 "typed_answer_chat": typed_answer_rate(heldout, em_pre, d.builtin_seed)})
     log(f"pretrain: exact match {em_raw['exact_match']:.3f} (raw prompt), {em_pre['exact_match']:.3f} (chat)")
 
     # ---------------------------------------------------------------------------------------------- SFT
     t0 = time.perf_counter()
-    train_items = finetuning_items(seed)
+    train_items = finetuning_items(d.builtin_seed, num_people=d.builtin_num_people)
     records = [chat_record(i) for i in train_items]
     _write_jsonl(records, report / "sft_train.jsonl")
     sft_config = stage_config("sft", sft_steps, 1e-3, 16, str(pre_dir))
@@ -184,7 +185,8 @@ def run_demo(out: str | Path = "runs/demo", *, pretrain_steps: int = 240, sft_st
     # would mostly measure length (the weak model's rejected samples are longer than the reference answers).
     pref_sft = preference_accuracy(held_pairs, policy=sft_model, reference=model)
     rows.append({"stage": "sft", "loss": _loss_tail(sft), "val_ppl": math.exp(sft.val_loss) if sft.val_loss else None,
-                 "exact_match_chat": em_sft["exact_match"], "typed_answer_chat": typed_answer_rate(heldout, em_sft, seed),
+                 "exact_match_chat": em_sft["exact_match"],
+                 "typed_answer_chat": typed_answer_rate(heldout, em_sft, d.builtin_seed),
                  "preference_accuracy": pref_sft["preference_accuracy"],
                  "preference_margin": pref_sft["margin"]})
 
@@ -204,7 +206,7 @@ def run_demo(out: str | Path = "runs/demo", *, pretrain_steps: int = 240, sft_st
     implicit = preference_accuracy(held_pairs, policy=dpo_model, reference=sft_model)
     timings["eval_dpo"] = time.perf_counter() - t0
     rows.append({"stage": "dpo", "loss": _loss_tail(dpo), "exact_match_chat": em_dpo["exact_match"],
-                 "typed_answer_chat": typed_answer_rate(heldout, em_dpo, seed),
+                 "typed_answer_chat": typed_answer_rate(heldout, em_dpo, d.builtin_seed),
                  "preference_accuracy": pref_dpo["preference_accuracy"], "preference_margin": pref_dpo["margin"],
                  "implicit_reward_accuracy": implicit["preference_accuracy"], "implicit_reward_margin": implicit["margin"]})
 

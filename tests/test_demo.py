@@ -44,6 +44,7 @@ def test_heldout_sample_weighs_the_tasks_equally():
 @pytest.mark.slow
 def test_shrunk_demo_runs_every_stage_and_writes_the_report(tmp_path):
     overrides = {"data.builtin_python_docs": False, "data.builtin_arithmetic_docs": 40, "data.builtin_reading_docs": 40,
+                 "data.builtin_num_people": 60,
                  "model.vocab_size": 512, "model.num_hidden_layers": 1, "model.hidden_size": 64}
     lines = []
     result = run_demo(tmp_path / "demo", pretrain_steps=3, sft_steps=4, dpo_steps=2, eval_per_task=2,
@@ -59,8 +60,10 @@ def test_shrunk_demo_runs_every_stage_and_writes_the_report(tmp_path):
     for name in ("sft_train.jsonl", "pairs_train.jsonl", "pairs_heldout.jsonl", "loss_pretrain.png",
                  "hf_model/config.json", "hf_model/tokenizer_config.json"):
         assert (report / name).is_file(), name
-    first = json.loads((report / "sft_train.jsonl").read_text().splitlines()[0])
-    assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+    chats = [json.loads(line) for line in (report / "sft_train.jsonl").read_text().splitlines()]
+    assert [m["role"] for m in chats[0]["messages"]] == ["user", "assistant"]
+    # Questions about the corpus's own (smaller) world: 48 seen people x 10 questions, plus arithmetic and reading.
+    assert len(chats) == 48 * 10 * 2
 
 
 @pytest.mark.slow

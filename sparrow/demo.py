@@ -85,7 +85,7 @@ def run_demo(out: str | Path = "runs/demo", *, pretrain_steps: int = 240, sft_st
              overrides: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
     """The whole chain; returns (and writes to ``<out>/report/metrics.json``) every figure and the checks.
     ``overrides`` are dotted config keys for the pretraining run (``{"data.builtin_python_docs": False}``)."""
-    from .data.prepare import prepare_builtin
+    from .train.builtin_data import prepare_builtin
     from .export import export_hf
     from .preference import PreferenceDataset, build_pairs
     from .sft import TEMPLATES

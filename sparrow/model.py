@@ -26,6 +26,8 @@ from . import ops
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# The label of positions that carry no loss (prompts, padding, a packed document's first token).
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -401,7 +403,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean next-token cross-entropy over positions whose label is not -100 (computed in float32)."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
 
 
 def _atomic_write(path: Path, write) -> None:

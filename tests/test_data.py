@@ -11,7 +11,8 @@ import torch
 from sparrow import SparrowConfig, SparrowForCausalLM
 from sparrow.data import builtin_corpus, cleaning
 from sparrow.data.loading import iter_texts
-from sparrow.data.packing import IGNORE_INDEX, PackedDataset, TokenFile, count_targets, pack_rows, write_token_file
+from sparrow.data.packing import IGNORE_INDEX, PackedDataset, count_targets, pack_rows
+from sparrow.data.token_file import TokenFile, write_token_file
 
 
 # ------------------------------------------------------------------------------------------------- cleaning
@@ -73,7 +74,7 @@ def test_cleaner_counts_what_each_step_did():
 
 
 def _data_cli(argv):
-    from sparrow.data import cli
+    from sparrow.cli import data as cli
 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command"))
@@ -92,6 +93,17 @@ def test_clean_command(tmp_path, capsys):
     assert out == ["第一篇文章。内容足够长了。", "An English document that is long enough."]
     report = capsys.readouterr().out
     assert re.search(r"exact_dedup\s+3\s+1\s+0", report) and "3 documents in, 2 out" in report
+
+
+def test_clean_without_datasketch_skips_near_dedup_with_a_notice(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cleaning, "near_dedup_available", lambda: False)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "An English document that is long enough."}) + "\n")
+    assert _data_cli(["data", "clean", str(src), str(tmp_path / "out.jsonl")]) == 0
+    captured = capsys.readouterr()
+    notice = [line for line in captured.err.splitlines() if "near-duplicate" in line]
+    assert len(notice) == 1 and "pip install datasketch" in notice[0]
+    assert "near_dedup" not in captured.out and "1 documents in, 1 out" in captured.out
 
 
 def test_clean_command_bad_input(tmp_path):

@@ -11,7 +11,8 @@ import pytest
 pytest.importorskip("sparrow._bpe")
 
 from sparrow.tokenizer import EOT, Tokenizer, train_tokenizer  # noqa: E402
-from sparrow.tokenizer.corpus import read_token_file, register_data_commands, tokenize_corpus  # noqa: E402
+from sparrow.data.token_file import read_token_file  # noqa: E402
+from sparrow.tokenizer.corpus import tokenize_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +42,8 @@ def test_tokenize_jsonl_and_text(tmp_path, tok_dir):
     raw = np.fromfile(tmp_path / "out.bin", dtype="<u2")
     assert raw.tolist() == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.txt", "out.bin", "out.json"]  # no temp files
-    try:
-        from sparrow.data.packing import TokenFile
-    except ImportError:  # the pretraining loader ships separately
-        return
+    from sparrow.data.token_file import TokenFile
+
     loaded = TokenFile(tmp_path / "out")
     assert len(loaded) == len(expected) and loaded.eot_id == 0 and loaded.tokens.tolist() == expected
 
@@ -55,10 +54,11 @@ def test_uint32_for_large_vocab_and_split_lines(tmp_path):
         pytest.skip("bpe-openai not installed")
     path = ref.tiktoken_file("o200k", tmp_path)
     (tmp_path / "c.txt").write_text("first line\nsecond line\n\nthird", encoding="utf-8")
+    from sparrow.cli import data as data_cli
+
     parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    register_data_commands(sub)
-    args = parser.parse_args(["tokenize", str(tmp_path / "c.txt"), "-t", str(path), "-o", str(tmp_path / "o"),
+    data_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["data", "tokenize", str(tmp_path / "c.txt"), "-t", str(path), "-o", str(tmp_path / "o"),
                               "--split-lines", "--no-progress", "--threads", "2"])
     assert args.func(args) == 0
     tokens, meta = read_token_file(tmp_path / "o")

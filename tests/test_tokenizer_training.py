@@ -169,7 +169,7 @@ def test_merge(tmp_path):
 
 
 def _parser():
-    from sparrow.tokenizer import cli
+    from sparrow.cli import tokenizer as cli
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")

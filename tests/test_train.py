@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sparrow import SparrowForCausalLM
-from sparrow.data.packing import write_token_file
+from sparrow.data.token_file import write_token_file
 from sparrow.train import NonFiniteLossError, build_pretraining, load_config
 from sparrow.train.checkpoint import list_checkpoints
 from sparrow.train.config import Config, valid_keys
@@ -110,7 +110,7 @@ def test_overrides_are_typed_and_unknown_keys_list_the_valid_ones(tmp_path):
 
 
 def _pretrain_cli(argv):
-    from sparrow.train import cli
+    from sparrow.cli import training as cli
 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command"))
@@ -255,7 +255,7 @@ def test_builtin_corpus_pipeline_end_to_end(tmp_path):
     assert tokenizer.decode(tokenizer.encode("3 加 5 等于 8。").ids) == "3 加 5 等于 8。"
     assert SparrowForCausalLM.from_pretrained(run / "model").config.vocab_size == 512
     # Later runs reuse the prepared corpus instead of training another tokenizer.
-    from sparrow.data.prepare import prepare_builtin
+    from sparrow.train.builtin_data import prepare_builtin
 
     messages = []
     again = prepare_builtin(tmp_path / "cache", vocab_size=512, python_docs=False, arithmetic_docs=60, num_people=20,

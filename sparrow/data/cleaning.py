@@ -165,8 +165,7 @@ class NearDedup:
         try:
             from datasketch import MinHash, MinHashLSH
         except ImportError as exc:
-            raise ImportError("near-duplicate removal needs datasketch: pip install datasketch "
-                              "(or pip install 'sparrow-llm[data]')") from exc
+            raise ImportError(f"near-duplicate removal needs datasketch: {NEAR_DEDUP_INSTALL}") from exc
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold: must be in (0, 1], got {threshold}")
         self._minhash = MinHash
@@ -241,6 +240,19 @@ class Cleaner:
             lines.append(f"{s.name:<{width}}  {s.seen:>9}  {s.removed:>9}  {s.changed:>9}")
         lines.append(f"{self.documents_in} documents in, {self.documents_out} out")
         return "\n".join(lines)
+
+
+NEAR_DEDUP_INSTALL = "pip install datasketch (or pip install 'sparrow-llm[data]')"
+
+
+def near_dedup_available() -> bool:
+    """Whether :class:`NearDedup` can run here: it needs ``datasketch``, an optional dependency (the ``data``
+    extra), because a plain install only needs it for corpora large enough to hold near-duplicates."""
+    try:
+        import datasketch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def default_steps(*, t2s: bool = False, min_chars: int = 10, max_chars: int | None = None,

@@ -69,7 +69,7 @@ def train_tokenizer(data, vocab_size: int = DEFAULT_VOCAB_SIZE, out_dir: str | o
     """
     from tokenizers import pre_tokenizers, trainers
 
-    from . import DEFAULT_CHAT_TEMPLATE, SPECIAL_TOKENS
+    from .chat import DEFAULT_CHAT_TEMPLATE, SPECIAL_TOKENS
 
     specials = list(SPECIAL_TOKENS if special_tokens is None else special_tokens)
     if len(set(specials)) != len(specials):
@@ -96,7 +96,7 @@ def save_tokenizer(tok, out_dir: str | os.PathLike, specials: Sequence[str], *, 
                    model_max_length: int = 2048) -> Path:
     """``tokenizer.json`` + ``tokenizer_config.json`` loadable by ``tokenizers.Tokenizer.from_file`` and
     ``transformers.PreTrainedTokenizerFast.from_pretrained`` (and by :class:`sparrow.tokenizer.Tokenizer`)."""
-    from . import EOT
+    from .chat import EOT
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

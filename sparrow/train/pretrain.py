@@ -20,7 +20,7 @@ def _prepare_tokens(config: Config, info: distributed.DistInfo, log) -> tuple[Pa
         tokens = TokenFile(d.source)  # missing or malformed files fail here, before the model is built
         tokenizer = tokens.meta.get("tokenizer") or None
         return Path(d.source), Path(tokenizer) if tokenizer else None
-    from ..data.prepare import TOKENIZER_FILE, prepare_builtin
+    from .builtin_data import TOKENIZER_FILE, prepare_builtin
 
     outcome: dict[str, Any] = {}
     if info.is_main:

@@ -1,4 +1,4 @@
-"""The built-in corpus as a token file: clean it, train a byte-level BPE tokenizer on it and tokenize it, once,
+"""The built-in corpus (:mod:`sparrow.data.builtin_corpus`) as a token file for pretraining: clean it, train a byte-level BPE tokenizer on it and tokenize it, once,
 into a cache folder keyed by every setting that changes the result, so later runs (and every rank of a distributed
 run) reuse it.
 """
@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .builtin_corpus import builtin_documents
-from .packing import token_file_paths
+from ..data.builtin_corpus import builtin_documents
+from ..data.token_file import token_file_paths, write_metadata
 
 TOKENIZER_FILE = "tokenizer.json"
 # Bump when the preparation changes in a way the cache key does not capture.
@@ -32,14 +32,9 @@ class PreparedData:
 def cleaning_steps():
     """The corpus cleaner's default steps; near-duplicate removal only where ``datasketch`` is installed (the
     step names are part of the cache key, so the two kinds of install never share a cache entry)."""
-    from .cleaning import default_steps
+    from ..data.cleaning import default_steps, near_dedup_available
 
-    try:
-        import datasketch  # noqa: F401
-        near = True
-    except ImportError:
-        near = False
-    return default_steps(near_dedup=near)
+    return default_steps(near_dedup=near_dedup_available())
 
 
 def prepare_builtin(cache_dir: str | os.PathLike, *, vocab_size: int, seed: int = 0, python_docs: bool = True,
@@ -47,7 +42,7 @@ def prepare_builtin(cache_dir: str | os.PathLike, *, vocab_size: int, seed: int 
                     log=print) -> PreparedData:
     """Cleaned corpus, tokenizer and token file for the built-in corpus, built on first use and cached under
     ``cache_dir``."""
-    from .cleaning import Cleaner
+    from ..data.cleaning import Cleaner
 
     steps = cleaning_steps()
     settings = {"version": _PREPARE_VERSION, "vocab_size": vocab_size, "seed": seed, "python_docs": python_docs,
@@ -98,18 +93,18 @@ def _backend_name() -> str:
 def train_bpe(docs: list[str], vocab_size: int, folder: Path) -> Path:
     """Train Sparrow's byte-level BPE (with its special tokens and chat template) on ``docs`` into ``folder``;
     returns the tokenizer.json path."""
-    from sparrow.tokenizer import train_tokenizer
+    from ..tokenizer import train_tokenizer
 
     train_tokenizer(iter(docs), vocab_size, folder, show_progress=False)
     return folder / TOKENIZER_FILE
 
 
 def tokenize(docs: list[str], tokenizer: Path, prefix: Path, *, source: str, recorded_tokenizer: str) -> dict:
-    from sparrow.tokenizer.corpus import tokenize_corpus
+    from ..tokenizer.corpus import tokenize_corpus
 
     # An iterator, not a list: tokenize_corpus reads a list of strings as file names.
     meta = tokenize_corpus(iter(docs), prefix, tokenizer, show_progress=False)
     bin_path, json_path = token_file_paths(prefix)
     meta.update(source=source, tokenizer=recorded_tokenizer)  # where the tokenizer is once the folder is in place
-    json_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    write_metadata(json_path, meta)
     return meta

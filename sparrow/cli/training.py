@@ -25,10 +25,10 @@ def register(subparsers) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .config import load_config
-    from .pretrain import pretrain
-    from .trainer import NonFiniteLossError
+    from ..train import distributed
+    from ..train.config import load_config
+    from ..train.pretrain import pretrain
+    from ..train.trainer import NonFiniteLossError
 
     path = args.config
     if path is None and Path(DEFAULT_CONFIG).is_file():

@@ -1,4 +1,4 @@
-"""``sparrow tokenizer train|merge|encode`` (registered by sparrow.cli)."""
+"""``sparrow tokenizer train|merge|encode``: byte-level BPE (:mod:`sparrow.tokenizer`)."""
 
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ def register(subparsers) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from sparrow.data.loading import iter_texts
+    from ..data.loading import iter_texts
 
-    from . import SPECIAL_TOKENS, train_tokenizer
+    from ..tokenizer import SPECIAL_TOKENS, train_tokenizer
 
     specials = SPECIAL_TOKENS if args.special_tokens is None else [s for s in args.special_tokens.split(",") if s]
     texts = iter_texts(args.inputs, field=args.field, text_unit=args.text_unit, limit=args.limit)
@@ -54,7 +54,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from . import merge_tokenizers
+    from ..tokenizer import merge_tokenizers
 
     stats = merge_tokenizers(args.base, args.extra, args.out)
     print(json.dumps(stats))
@@ -62,7 +62,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_encode(args: argparse.Namespace) -> int:
-    from . import Tokenizer
+    from ..tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(args.tokenizer)
     text = " ".join(args.text) if args.text else sys.stdin.read()

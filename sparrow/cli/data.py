@@ -1,5 +1,5 @@
-"""``sparrow data``: clean a corpus, write the built-in corpus or its evaluation items; ``tokenize`` is added by
-:mod:`sparrow.tokenizer.corpus` when that module is present."""
+"""``sparrow data clean|tokenize|builtin|eval-items|chats``: corpus cleaning, token files and the built-in
+corpus (:mod:`sparrow.data`)."""
 
 from __future__ import annotations
 
@@ -55,24 +55,51 @@ def register(subparsers) -> None:
     chats.add_argument("--seed", type=int, default=0)
     chats.set_defaults(func=run_chats)
 
-    try:
-        from sparrow.tokenizer.corpus import register_data_commands
-    except ImportError:
-        pass  # tokenization ships with sparrow.tokenizer; without it `data` still cleans
-    else:
-        register_data_commands(data_sub)
+    tokenize = data_sub.add_parser(
+        "tokenize", help="tokenize a corpus into a memory-mapped token file (<out>.bin + <out>.json)",
+        description="Reads text/jsonl/parquet files, globs, directories or hub datasets and writes the token ids "
+                    "of every document followed by <|endoftext|>, using the C++ encoder on all cores.")
+    tokenize.add_argument("inputs", nargs="+", metavar="IN", help="files, globs, directories, hub names or 'builtin'")
+    tokenize.add_argument("--tokenizer", "-t", required=True, help="tokenizer.json (or its directory) or a .tiktoken file")
+    tokenize.add_argument("--output", "-o", required=True, help="output prefix: writes OUT.bin and OUT.json")
+    tokenize.add_argument("--field", default="text", help="text column of jsonl/parquet inputs (default: text)")
+    tokenize.add_argument("--text-unit", default="document", choices=("document", "paragraph", "line"),
+                          help="how plain-text files are cut into documents (default: one per file)")
+    tokenize.add_argument("--split-lines", action="store_true", help="shorthand for --text-unit line")
+    tokenize.add_argument("--threads", type=int, default=None, help="encoder threads (default: all cores)")
+    tokenize.add_argument("--limit", type=int, default=None, help="stop after this many documents")
+    tokenize.add_argument("--no-progress", action="store_true")
+    tokenize.set_defaults(func=run_tokenize)
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    from ..data.token_file import token_file_paths
+    from ..tokenizer.corpus import tokenize_corpus
+
+    meta = tokenize_corpus(args.inputs, args.output, args.tokenizer, field=args.field,
+                           text_unit="line" if args.split_lines else args.text_unit, num_threads=args.threads,
+                           limit=args.limit, show_progress=not args.no_progress)
+    bin_path, meta_path = token_file_paths(args.output)
+    print(f"wrote {bin_path} ({meta['num_tokens']} tokens, {meta['num_documents']} documents, {meta['dtype']}) "
+          f"and {meta_path}")
+    return 0
 
 
 def run_clean(args: argparse.Namespace) -> int:
-    from .builtin_corpus import write_jsonl
-    from .cleaning import Cleaner, default_steps
-    from .loading import iter_texts, resolve_sources
+    from ..data.builtin_corpus import write_jsonl
+    from ..data.cleaning import NEAR_DEDUP_INSTALL, Cleaner, default_steps, near_dedup_available
+    from ..data.loading import iter_texts, resolve_sources
 
     languages = None if args.languages.strip().lower() in ("", "any", "none") else [
         s.strip() for s in args.languages.split(",") if s.strip()]
+    near_dedup = not args.no_near_dedup
+    if near_dedup and not near_dedup_available():
+        print(f"sparrow data clean: near-duplicate removal skipped: datasketch is not installed ({NEAR_DEDUP_INSTALL}; "
+              "--no-near-dedup silences this)", file=sys.stderr)
+        near_dedup = False
     cleaner = Cleaner(default_steps(t2s=args.t2s, min_chars=args.min_chars, max_chars=args.max_chars,
                                     languages=languages, min_language_fraction=args.min_language_fraction,
-                                    exact_dedup=not args.no_exact_dedup, near_dedup=not args.no_near_dedup,
+                                    exact_dedup=not args.no_exact_dedup, near_dedup=near_dedup,
                                     near_threshold=args.near_threshold))
     sources = resolve_sources(args.inputs)  # missing files fail here, before anything is written
     texts = iter_texts(sources, args.field, config=args.hub_config, split=args.split, text_unit=args.text_unit,
@@ -89,7 +116,7 @@ def run_clean(args: argparse.Namespace) -> int:
 
 
 def run_builtin(args: argparse.Namespace) -> int:
-    from .builtin_corpus import builtin_documents, write_jsonl
+    from ..data.builtin_corpus import builtin_documents, write_jsonl
 
     count = write_jsonl(builtin_documents(args.seed, python_docs=not args.no_python_docs), args.output)
     print(f"wrote {count} documents to {args.output}")
@@ -97,7 +124,7 @@ def run_builtin(args: argparse.Namespace) -> int:
 
 
 def run_chats(args: argparse.Namespace) -> int:
-    from .builtin_corpus import chat_record, finetuning_items, write_jsonl
+    from ..data.builtin_corpus import chat_record, finetuning_items, write_jsonl
 
     count = write_jsonl((json.dumps(chat_record(i), ensure_ascii=False) for i in finetuning_items(args.seed)),
                         args.output, field=None)
@@ -108,7 +135,7 @@ def run_chats(args: argparse.Namespace) -> int:
 def run_eval_items(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .builtin_corpus import eval_items
+    from ..data.builtin_corpus import eval_items
 
     items = eval_items(args.seed, split=args.split)
     with open(args.output, "w", encoding="utf-8") as f:

@@ -15,9 +15,9 @@ import sys
 
 # Modules providing ``register(subparsers)``, in the order their commands are listed.
 COMMAND_MODULES = (
-    "sparrow.tokenizer.cli",
-    "sparrow.data.cli",
-    "sparrow.train.cli",
+    "sparrow.cli.tokenizer",
+    "sparrow.cli.data",
+    "sparrow.cli.training",
     "sparrow.bench_cli",
     "sparrow.align_cli",
 )

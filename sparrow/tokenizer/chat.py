@@ -1,0 +1,132 @@
+"""Chat on top of the tokenizer, in one place: the special tokens, the two chat templates (as Jinja for
+transformers and as plain Python), rendering, the ids a generation stops on, a question's prompt ids, and the
+label that marks a position as not learned (:data:`IGNORE_INDEX`).
+
+Special tokens of tokenizers trained by Sparrow (ids in this order, ``<|endoftext|>`` is 0):
+
+``<|endoftext|>``
+    Ends every document in pretraining token files; also the padding token.
+``<|system|>``, ``<|user|>``, ``<|assistant|>``
+    Role headers of the ``sparrow`` chat template.
+``<|end|>``
+    Ends a chat turn; generation stops on it.
+
+Two templates, both ending every turn with ``<|end|>``:
+
+``sparrow`` (:data:`DEFAULT_CHAT_TEMPLATE`)::
+
+    <|system|>\\n{system}<|end|>\\n<|user|>\\n{question}<|end|>\\n<|assistant|>\\n{answer}<|end|>\\n
+
+``qa`` (the ``##提问:/##回答:`` style of the Chinese tiny-LLM projects)::
+
+    {system}\\n\\n##提问:\\n{question}\\n##回答:\\n{answer}<|end|>\\n
+
+Each exists as Jinja (saved in tokenizer_config.json, run by transformers' ``apply_chat_template``) and as plain
+Python (:func:`render`); tests hold them equal.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..model import IGNORE_INDEX  # noqa: F401  (defined by the loss; chat labels use it)
+
+EOT = "<|endoftext|>"
+SYSTEM = "<|system|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+END_OF_TURN = "<|end|>"
+SPECIAL_TOKENS = (EOT, SYSTEM, USER, ASSISTANT, END_OF_TURN)
+
+
+# add_generation_prompt appends "<|assistant|>\n". Role tokens are whole special tokens, so the header of every
+# turn is exactly two ids (role, "\n").
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+QA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '##提问:\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '##回答:\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% else %}{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '##回答:\\n' }}{% endif %}"
+)
+
+TEMPLATES = {"sparrow": DEFAULT_CHAT_TEMPLATE, "qa": QA_CHAT_TEMPLATE}
+
+
+def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    """The ``sparrow`` template in plain Python (no Jinja), identical to :data:`DEFAULT_CHAT_TEMPLATE`."""
+    parts = []
+    for message in messages:
+        role = message["role"]
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown chat role: {role}")
+        parts.append(f"<|{role}|>\n{message['content']}{END_OF_TURN}\n")
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+def _render_qa(messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    parts = []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "system":
+            parts.append(content + "\n\n")
+        elif role == "user":
+            parts.append(f"##提问:\n{content}\n")
+        elif role == "assistant":
+            parts.append(f"##回答:\n{content}{END_OF_TURN}\n")
+        else:
+            raise ValueError(f"unknown chat role: {role}")
+    if add_generation_prompt:
+        parts.append("##回答:\n")
+    return "".join(parts)
+
+
+def render(messages: Sequence[dict], template: str = "sparrow", add_generation_prompt: bool = False) -> str:
+    """The conversation as text, in plain Python; equal to :func:`render_jinja` of ``TEMPLATES[template]``."""
+    if template == "sparrow":
+        return render_chat(messages, add_generation_prompt)
+    if template == "qa":
+        return _render_qa(messages, add_generation_prompt)
+    raise ValueError(f"template: unknown {template!r}; choose one of {sorted(TEMPLATES)}")
+
+
+def render_jinja(source: str, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    """Render a chat template the way transformers does (sandboxed Jinja, trim_blocks, lstrip_blocks)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source).render(messages=list(messages), add_generation_prompt=add_generation_prompt)
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """The ids generation stops on: end of turn, then end of text (those the tokenizer has)."""
+    return [t for t in (tokenizer.token_to_id(END_OF_TURN), tokenizer.token_to_id(EOT)) if t is not None]
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of rendered chat text: special-token text (role headers, ``<|end|>``) becomes the special tokens."""
+    return list(tokenizer.encode(text, allowed_special="all"))
+
+
+def prompt_ids(tokenizer, question: str, template: str = "sparrow") -> list[int]:
+    """Ids of ``question`` asked as a user turn, ready for the assistant's answer."""
+    return encode_text(tokenizer, render([{"role": "user", "content": question}], template, add_generation_prompt=True))

@@ -1,0 +1,94 @@
+"""The package's layering: no import cycle between modules of ``sparrow/`` (counting imports inside
+functions, which are cycles too, only deferred), nor between its subpackages."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "sparrow"
+
+
+def _module_name(path: Path) -> str:
+    parts = ("sparrow",) + path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1]) if parts[-1] == "__init__" else ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the sparrow modules it imports anywhere in its body, function bodies included."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[:len(anchor) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                # `from pkg import mod` imports pkg.mod (and runs pkg/__init__, which is not counted: importing
+                # a submodule through its package is how packages work); `from mod import name` imports mod.
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            for target in targets:
+                while target and target not in files:  # sparrow.x.y.z -> the nearest module that exists
+                    target = target.rpartition(".")[0]
+                if target.startswith("sparrow") and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def _without_package_inits(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """A package's ``__init__`` re-exports its modules, and its modules import siblings through it now and
+    then; that is one unit, not a cycle. Edges from a module to its own package's ``__init__`` are dropped."""
+    return {m: {t for t in targets if not (m.startswith(t + ".") and t != "sparrow")} for m, targets in graph.items()}
+
+
+def test_no_cycle_between_modules():
+    cycle = find_cycle(_without_package_inits(import_graph()))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_cycle_between_subpackages():
+    def unit(module: str) -> str:
+        parts = module.split(".")
+        return ".".join(parts[:2])  # sparrow.data, sparrow.ops, sparrow.model, ...
+
+    graph: dict[str, set[str]] = {}
+    for module, targets in _without_package_inits(import_graph()).items():
+        graph.setdefault(unit(module), set()).update(unit(t) for t in targets if unit(t) != unit(module))
+    graph.pop("sparrow", None)  # sparrow/__init__ re-exports the public API from the layers below it
+    for targets in graph.values():
+        targets.discard("sparrow")
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle between subpackages: " + " -> ".join(cycle)
+
+
+def test_the_checker_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None

@@ -27,29 +27,26 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.builtin_corpus import TASKS, EvalItem, answer_has_the_asked_type, chat_record, eval_items, finetuning_items
-from .evaluate import exact_match, preference_accuracy
+from .data.builtin_corpus import TASKS, EvalItem, chat_record, finetuning_items
+from .export import export_hf
+from .generate import GenerationConfig, generate
 from .model import SparrowForCausalLM
+from .model_folder import load_tokenizer
+from .post_training.evaluation import evaluate, heldout_sample, preference_accuracy, typed_answer_rate  # noqa: F401
+from .post_training.preference_data import PreferenceDataset, build_pairs
+from .post_training.stages import StageOptions, build_dpo, build_sft
+from .tokenizer.chat import TEMPLATES, decode_answer, prompt_ids
+from .train import build_pretraining
+from .train.builtin_data import prepare_builtin
+from .train.checkpoint import list_checkpoints
+from .train.config import Config, set_key
 
-
-def heldout_sample(seed: int, per_task: int, num_people: int = 240) -> list[EvalItem]:
-    """``per_task`` held-out items of each task, drawn with ``seed``, so each task weighs the same."""
-    rng = random.Random(f"sparrow-demo-eval-{seed}")
-    items = eval_items(seed, split="heldout", num_people=num_people)
-    sample = []
-    for task in TASKS:
-        group = [i for i in items if i.task == task]
-        sample += rng.sample(group, min(per_task, len(group)))
-    return sample
-
-
-def typed_answer_rate(items: list[EvalItem], result: dict, seed: int) -> float:
-    """Share of answers that are a value of the asked kind (right or wrong): the format half of exact match."""
-    typed = [answer_has_the_asked_type(i, a, seed) for i, a in zip(items, result["answers"])]
-    return sum(typed) / max(len(typed), 1)
+MAX_LENGTH = 192  # reading passages are the longest conversations (~150 tokens)
+SAMPLE_QUESTIONS = ["What is 23 plus 45?", "你好，请介绍一下你自己。"]
 
 
 def learning_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -71,45 +68,33 @@ def learning_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"claim": claim, "passed": bool(ok), "figures": figures} for claim, ok, figures in checks]
 
 
-def _loss_tail(result) -> float:
-    tail = list(result.losses.values())[-10:]
-    return sum(tail) / len(tail) if tail else float("nan")
+@dataclass
+class Demo:
+    """Where a demo run writes and what every stage shares: its folders, seed, timings and log."""
 
+    out: Path
+    seed: int = 0
+    cache_dir: Path = Path("runs/cache")
+    log: Any = print
+    timings: dict[str, float] = field(default_factory=dict)
 
-def _write_jsonl(rows: list[dict], path: Path) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    @property
+    def report(self) -> Path:
+        return self.out / "report"
 
+    def timed(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timings[name] = time.perf_counter() - start
 
-def run_demo(out: str | Path = "runs/demo", *, pretrain_steps: int = 240, sft_steps: int = 300, dpo_steps: int = 60,
-             eval_per_task: int = 100, seed: int = 0, cache_dir: str | Path = "runs/cache",
-             overrides: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
-    """The whole chain; returns (and writes to ``<out>/report/metrics.json``) every figure and the checks.
-    ``overrides`` are dotted config keys for the pretraining run (``{"data.builtin_python_docs": False}``)."""
-    from .train.builtin_data import prepare_builtin
-    from .export import export_hf
-    from .preference import PreferenceDataset, build_pairs
-    from .sft import TEMPLATES
-    from .stages import StageOptions, build_dpo, build_sft
-    from .tokenizer import Tokenizer
-    from .train import build_pretraining
-    from .train.checkpoint import list_checkpoints
-    from .train.config import Config, set_key
-
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    report = out / "report"
-    report.mkdir(parents=True)
-    start = time.perf_counter()
-    timings: dict[str, float] = {}
-    rows: list[dict[str, Any]] = []
-
-    def stage_config(name: str, steps: int, lr: float, batch: int, init_from: str | None) -> Config:
+    def stage_config(self, name: str, steps: int, lr: float, batch: int, init_from: str | None) -> Config:
         c = Config()
-        c.data.cache_dir = str(cache_dir)  # the built-in corpus's tokenizer and tokens, shared with `sparrow pretrain`
+        c.data.cache_dir = str(self.cache_dir)  # the built-in corpus's tokenizer and tokens, shared with `sparrow pretrain`
         c.data.micro_batch_size = batch
         c.model.init_from = init_from
-        c.train.out_dir = str(out / name)
+        c.train.out_dir = str(self.out / name)
         c.train.max_steps = steps
         c.train.lr = lr
         c.train.warmup_steps = max(1, steps // 10)
@@ -117,134 +102,161 @@ def run_demo(out: str | Path = "runs/demo", *, pretrain_steps: int = 240, sft_st
         c.train.eval_every = 0
         c.train.log_every = max(1, steps // 6)
         c.train.progress = False
-        c.train.seed = seed
+        c.train.seed = self.seed
         return c
 
-    # ------------------------------------------------------------------------------ clean + tokenizer
-    t0 = time.perf_counter()
-    config = stage_config("pretrain", pretrain_steps, 3e-3, 8, None)
-    for key, value in (overrides or {}).items():
-        set_key(config, key, value)
+    def model(self, stage: str) -> SparrowForCausalLM:
+        return SparrowForCausalLM.from_pretrained(self.out / stage / "model").eval()
+
+
+def _loss_tail(result) -> float:
+    tail = list(result.losses.values())[-10:]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
+def _val_ppl(result) -> float | None:
+    return math.exp(result.val_loss) if result.val_loss else None
+
+
+def _write_jsonl(rows: list[dict], path: Path) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def prepare_corpus(demo: Demo, config: Config):
+    """Clean the built-in corpus, train its tokenizer and tokenize it (cached across runs)."""
     d = config.data
-    prepared = prepare_builtin(d.cache_dir, vocab_size=config.model.model_config().vocab_size, seed=d.builtin_seed,
-                               python_docs=d.builtin_python_docs, arithmetic_docs=d.builtin_arithmetic_docs,
-                               num_people=d.builtin_num_people, reading_docs=d.builtin_reading_docs, log=log)
-    timings["clean_and_tokenize"] = time.perf_counter() - t0
+    return prepare_builtin(d.cache_dir, vocab_size=config.model.model_config().vocab_size, seed=d.builtin_seed,
+                           python_docs=d.builtin_python_docs, arithmetic_docs=d.builtin_arithmetic_docs,
+                           num_people=d.builtin_num_people, reading_docs=d.builtin_reading_docs, log=demo.log)
 
-    # ----------------------------------------------------------------------------------------- pretrain
-    t0 = time.perf_counter()
-    pre = build_pretraining(config, log=log).fit()
-    timings["pretrain"] = time.perf_counter() - t0
-    pre_dir = out / "pretrain" / "model"
-    tok = Tokenizer.from_file(pre_dir / "tokenizer.json")
-    model = SparrowForCausalLM.from_pretrained(pre_dir).eval()
-    # The corpus's world (its seed and size) is what the questions must be about.
-    heldout = heldout_sample(d.builtin_seed, eval_per_task, d.builtin_num_people)
-    t0 = time.perf_counter()
-    em_raw = exact_match(model, tok, heldout)
-    em_pre = exact_match(model, tok, heldout, chat_template="sparrow")
-    timings["eval_pretrain"] = time.perf_counter() - t0
-    rows.append({"stage": "pretrain", "loss": _loss_tail(pre), "val_ppl": math.exp(pre.val_loss) if pre.val_loss else None,
-                 "exact_match_raw_prompt": em_raw["exact_match"], "exact_match_chat": em_pre["exact_match"],
-                 "typed_answer_chat": typed_answer_rate(heldout, em_pre, d.builtin_seed)})
-    log(f"pretrain: exact match {em_raw['exact_match']:.3f} (raw prompt), {em_pre['exact_match']:.3f} (chat)")
 
-    # ---------------------------------------------------------------------------------------------- SFT
-    t0 = time.perf_counter()
-    train_items = finetuning_items(d.builtin_seed, num_people=d.builtin_num_people)
+def run_sft(demo: Demo, train_items: list[EvalItem], steps: int):
+    """SFT from the pretrained model on chat-formatted questions; checkpoints kept for the preference pairs."""
     records = [chat_record(i) for i in train_items]
-    _write_jsonl(records, report / "sft_train.jsonl")
-    sft_config = stage_config("sft", sft_steps, 1e-3, 16, str(pre_dir))
-    sft_config.data.seq_len = 192  # reading passages are the longest conversations (~150 tokens)
-    sft_config.train.save_every = max(1, sft_steps // 4)  # the first checkpoint is the weak model DPO rejects
-    sft_config.train.keep_checkpoints = 8
-    sft = build_sft(sft_config, StageOptions(data="<built-in>", max_length=192), records=records, log=log).fit()
-    timings["sft"] = time.perf_counter() - t0
-    sft_dir = out / "sft" / "model"
-    sft_model = SparrowForCausalLM.from_pretrained(sft_dir).eval()
-    t0 = time.perf_counter()
-    em_sft = exact_match(sft_model, tok, heldout, chat_template="sparrow")
-    timings["eval_sft"] = time.perf_counter() - t0
-    log(f"sft: exact match {em_sft['exact_match']:.3f} (chat)")
+    _write_jsonl(records, demo.report / "sft_train.jsonl")
+    config = demo.stage_config("sft", steps, 1e-3, 16, str(demo.out / "pretrain" / "model"))
+    config.data.seq_len = MAX_LENGTH
+    config.train.save_every = max(1, steps // 4)  # the first checkpoint is the weak model DPO rejects
+    config.train.keep_checkpoints = 8
+    return build_sft(config, StageOptions(data="<built-in>", max_length=MAX_LENGTH), records=records, log=demo.log).fit()
 
-    # ------------------------------------------------------------------------------- preference pairs
-    t0 = time.perf_counter()
-    weak = SparrowForCausalLM.from_pretrained(list_checkpoints(out / "sft")[0] / "model").eval()
-    pair_items = random.Random(seed + 1).sample(train_items, min(len(train_items), 800))
+
+def preference_pairs(demo: Demo, tok, train_items: list[EvalItem], heldout: list[EvalItem]) -> tuple[list, list]:
+    """Pairs whose rejected answer is the first SFT checkpoint's sample: on training questions, and held out."""
+    weak = SparrowForCausalLM.from_pretrained(list_checkpoints(demo.out / "sft")[0] / "model").eval()
+    pair_items = random.Random(demo.seed + 1).sample(train_items, min(len(train_items), 800))
     # Answers are a few tokens; a short budget keeps rejected samples comparable in length to them.
     train_pairs = build_pairs(weak, tok, [(i.question, i.answer) for i in pair_items], temperature=1.0,
-                              max_new_tokens=8, seed=seed)
+                              max_new_tokens=8, seed=demo.seed)
     val_pairs = build_pairs(weak, tok, [(i.question, i.answer) for i in heldout], temperature=1.0,
-                            max_new_tokens=8, seed=seed + 1)
-    _write_jsonl(train_pairs, report / "pairs_train.jsonl")
-    _write_jsonl(val_pairs, report / "pairs_heldout.jsonl")
-    timings["pairs"] = time.perf_counter() - t0
-    log(f"preference pairs: {len(train_pairs)} for training, {len(val_pairs)} held out")
-    held_pairs = PreferenceDataset(val_pairs, tok, max_length=192, val_pairs=val_pairs).all_pairs("val")
-    # Rewards relative to the pretrained model, a reference shared by both stages: a summed log-prob alone
-    # would mostly measure length (the weak model's rejected samples are longer than the reference answers).
-    pref_sft = preference_accuracy(held_pairs, policy=sft_model, reference=model)
-    rows.append({"stage": "sft", "loss": _loss_tail(sft), "val_ppl": math.exp(sft.val_loss) if sft.val_loss else None,
-                 "exact_match_chat": em_sft["exact_match"],
-                 "typed_answer_chat": typed_answer_rate(heldout, em_sft, d.builtin_seed),
-                 "preference_accuracy": pref_sft["preference_accuracy"],
-                 "preference_margin": pref_sft["margin"]})
+                            max_new_tokens=8, seed=demo.seed + 1)
+    _write_jsonl(train_pairs, demo.report / "pairs_train.jsonl")
+    _write_jsonl(val_pairs, demo.report / "pairs_heldout.jsonl")
+    demo.log(f"preference pairs: {len(train_pairs)} for training, {len(val_pairs)} held out")
+    return train_pairs, val_pairs
 
-    # ---------------------------------------------------------------------------------------------- DPO
-    t0 = time.perf_counter()
-    dpo_config = stage_config("dpo", dpo_steps, 2e-4, 16, str(sft_dir))
-    dpo_config.data.seq_len = 192
+
+def run_dpo(demo: Demo, train_pairs: list[dict], steps: int):
+    """DPO from the SFT model, with the RPO term."""
+    config = demo.stage_config("dpo", steps, 2e-4, 16, str(demo.out / "sft" / "model"))
+    config.data.seq_len = MAX_LENGTH
     # rpo_alpha keeps the chosen (correct) answers' likelihood up while DPO pushes the rejected ones down;
     # plain DPO lowers both and, on a model this small, costs exact match.
-    dpo_options = StageOptions(data="<built-in>", max_length=192, beta=0.1, rpo_alpha=1.0, val_fraction=0.0)
-    dpo = build_dpo(dpo_config, dpo_options, pairs=train_pairs, log=log).fit()
-    timings["dpo"] = time.perf_counter() - t0
-    dpo_model = SparrowForCausalLM.from_pretrained(out / "dpo" / "model").eval()
-    t0 = time.perf_counter()
-    em_dpo = exact_match(dpo_model, tok, heldout, chat_template="sparrow")
-    pref_dpo = preference_accuracy(held_pairs, policy=dpo_model, reference=model)
-    implicit = preference_accuracy(held_pairs, policy=dpo_model, reference=sft_model)
-    timings["eval_dpo"] = time.perf_counter() - t0
-    rows.append({"stage": "dpo", "loss": _loss_tail(dpo), "exact_match_chat": em_dpo["exact_match"],
-                 "typed_answer_chat": typed_answer_rate(heldout, em_dpo, d.builtin_seed),
-                 "preference_accuracy": pref_dpo["preference_accuracy"], "preference_margin": pref_dpo["margin"],
-                 "implicit_reward_accuracy": implicit["preference_accuracy"], "implicit_reward_margin": implicit["margin"]})
+    options = StageOptions(data="<built-in>", max_length=MAX_LENGTH, beta=0.1, rpo_alpha=1.0, val_fraction=0.0)
+    return build_dpo(config, options, pairs=train_pairs, log=demo.log).fit()
 
-    # ----------------------------------------------------------------------------- samples and export
-    from .generate import GenerationConfig, generate
-    from .sft import render
 
+def chat_samples(model: SparrowForCausalLM, tok, heldout: list[EvalItem]) -> list[dict[str, str]]:
+    """Greedy answers to one held-out question of each task and two open ones."""
     by_task = {task: [i for i in heldout if i.task == task][0] for task in TASKS}
-    questions = [i.question for i in by_task.values()] + ["What is 23 plus 45?", "你好，请介绍一下你自己。"]
-    stops = [t for t in (tok.token_to_id("<|end|>"), tok.token_to_id("<|endoftext|>")) if t is not None]
-    prompts = [tok.encode(render([{"role": "user", "content": q}], add_generation_prompt=True), allowed_special="all")
-               for q in questions]
-    answers = generate(dpo_model, prompts, GenerationConfig(max_new_tokens=24, stop_ids=stops,
-                                                                        vocab_limit=tok.vocab_size))
-    samples = [{"question": q, "answer": tok.decode([t for t in a if t not in stops])} for q, a in zip(questions, answers)]
-    export_hf(dpo_model, pre_dir, report / "hf_model", chat_template=TEMPLATES["sparrow"])
+    questions = [i.question for i in by_task.values()] + SAMPLE_QUESTIONS
+    answers = generate(model, [prompt_ids(tok, q) for q in questions], GenerationConfig.for_tokenizer(tok, max_new_tokens=24))
+    return [{"question": q, "answer": decode_answer(tok, a)} for q, a in zip(questions, answers)]
+
+
+def run_demo(out: str | Path = "runs/demo", *, pretrain_steps: int = 240, sft_steps: int = 300, dpo_steps: int = 60,
+             eval_per_task: int = 100, seed: int = 0, cache_dir: str | Path = "runs/cache",
+             overrides: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
+    """The whole chain; returns (and writes to ``<out>/report/metrics.json``) every figure and the checks.
+    ``overrides`` are dotted config keys for the pretraining run (``{"data.builtin_python_docs": False}``)."""
+    demo = Demo(Path(out), seed, Path(cache_dir), log)
+    if demo.out.exists():
+        shutil.rmtree(demo.out)
+    demo.report.mkdir(parents=True)
+    start = time.perf_counter()
+
+    config = demo.stage_config("pretrain", pretrain_steps, 3e-3, 8, None)
+    for key, value in (overrides or {}).items():
+        set_key(config, key, value)
+    prepared = demo.timed("clean_and_tokenize", prepare_corpus, demo, config)
+    # The corpus's world (its seed and size) is what the questions must be about.
+    world = (config.data.builtin_seed, config.data.builtin_num_people)
+    heldout = heldout_sample(world[0], eval_per_task, world[1])
+
+    pre = demo.timed("pretrain", lambda: build_pretraining(config, log=log).fit())
+    tok = load_tokenizer(demo.out / "pretrain" / "model")
+    model = demo.model("pretrain")
+    ev_raw, ev_pre = demo.timed("eval_pretrain", lambda: (evaluate(model, tok, heldout, template=None),
+                                                          evaluate(model, tok, heldout, world=world)))
+    log(f"pretrain: exact match {ev_raw['exact_match']:.3f} (raw prompt), {ev_pre['exact_match']:.3f} (chat)")
+
+    train_items = finetuning_items(world[0], num_people=world[1])
+    sft = demo.timed("sft", run_sft, demo, train_items, sft_steps)
+    sft_model = demo.model("sft")
+    train_pairs, val_pairs = demo.timed("pairs", preference_pairs, demo, tok, train_items, heldout)
+    held_pairs = PreferenceDataset(val_pairs, tok, max_length=MAX_LENGTH, val_pairs=val_pairs).all_pairs("val")
+    # Rewards relative to the pretrained model, a reference shared by both stages: a summed log-prob alone
+    # would mostly measure length (the weak model's rejected samples are longer than the reference answers).
+    ev_sft = demo.timed("eval_sft", evaluate, sft_model, tok, heldout, world=world, pairs=held_pairs, reference=model)
+    log(f"sft: exact match {ev_sft['exact_match']:.3f} (chat)")
+
+    dpo = demo.timed("dpo", run_dpo, demo, train_pairs, dpo_steps)
+    dpo_model = demo.model("dpo")
+    ev_dpo, implicit = demo.timed("eval_dpo", lambda: (
+        evaluate(dpo_model, tok, heldout, world=world, pairs=held_pairs, reference=model),
+        preference_accuracy(held_pairs, policy=dpo_model, reference=sft_model)))
+
+    rows = [
+        {"stage": "pretrain", "loss": _loss_tail(pre), "val_ppl": _val_ppl(pre),
+         "exact_match_raw_prompt": ev_raw["exact_match"], "exact_match_chat": ev_pre["exact_match"],
+         "typed_answer_chat": ev_pre["typed_answer"]},
+        {"stage": "sft", "loss": _loss_tail(sft), "val_ppl": _val_ppl(sft), "exact_match_chat": ev_sft["exact_match"],
+         "typed_answer_chat": ev_sft["typed_answer"], "preference_accuracy": ev_sft["preference"]["preference_accuracy"],
+         "preference_margin": ev_sft["preference"]["margin"]},
+        {"stage": "dpo", "loss": _loss_tail(dpo), "exact_match_chat": ev_dpo["exact_match"],
+         "typed_answer_chat": ev_dpo["typed_answer"], "preference_accuracy": ev_dpo["preference"]["preference_accuracy"],
+         "preference_margin": ev_dpo["preference"]["margin"], "implicit_reward_accuracy": implicit["preference_accuracy"],
+         "implicit_reward_margin": implicit["margin"]},
+    ]
+    samples = chat_samples(dpo_model, tok, heldout)
+    export_hf(dpo_model, demo.out / "pretrain" / "model", demo.report / "hf_model", chat_template=TEMPLATES["sparrow"])
     for stage in ("pretrain", "sft", "dpo"):
-        if (out / stage / "loss.png").is_file():
-            shutil.copyfile(out / stage / "loss.png", report / f"loss_{stage}.png")
-    timings["total"] = time.perf_counter() - start
+        if (demo.out / stage / "loss.png").is_file():
+            shutil.copyfile(demo.out / stage / "loss.png", demo.report / f"loss_{stage}.png")
+    demo.timings["total"] = time.perf_counter() - start
     checks = learning_checks(rows)
-    per_task = {"pretrain_raw_prompt": em_raw["by_task"], "pretrain_chat": em_pre["by_task"], "sft": em_sft["by_task"],
-                "dpo": em_dpo["by_task"]}
+    per_task = {"pretrain_raw_prompt": ev_raw["by_task"], "pretrain_chat": ev_pre["by_task"], "sft": ev_sft["by_task"],
+                "dpo": ev_dpo["by_task"]}
     result = {"stages": rows, "exact_match_by_task": per_task, "checks": checks, "samples": samples,
               "cleaning": prepared.cleaning, "eval_items_per_task": eval_per_task,
-              "preference_pairs": {"train": len(train_pairs), "heldout": len(val_pairs)}, "timings_s": timings,
-              "exact_match_samples": {"pretrain": em_pre["samples"], "sft": em_sft["samples"], "dpo": em_dpo["samples"]}}
-    (report / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    log("\n" + summary_table(rows))
-    log("\nexact match by task (held out, " + f"{eval_per_task} items each):\n" + task_table(per_task))
+              "preference_pairs": {"train": len(train_pairs), "heldout": len(val_pairs)}, "timings_s": demo.timings,
+              "exact_match_samples": {"pretrain": ev_pre["samples"], "sft": ev_sft["samples"], "dpo": ev_dpo["samples"]}}
+    (demo.report / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    log_report(result, demo.report, log)
+    return result
+
+
+def log_report(result: dict[str, Any], report: Path, log=print) -> None:
+    log("\n" + summary_table(result["stages"]))
+    log("\nexact match by task (held out, " + f"{result['eval_items_per_task']} items each):\n"
+        + task_table(result["exact_match_by_task"]))
     log("\nchecks:")
-    for c in checks:
+    for c in result["checks"]:
         log(f"  [{'pass' if c['passed'] else 'FAIL'}] {c['claim']}: {c['figures']}")
     log("\nchat samples (DPO model, greedy):")
-    for s in samples:
+    for s in result["samples"]:
         log(f"  Q: {s['question']}\n  A: {s['answer']}")
-    log(f"\nreport: {report} ({timings['total']:.0f}s)")
-    return result
+    log(f"\nreport: {report} ({result['timings_s']['total']:.0f}s)")
 
 
 def _table(header: list[str], body: list[list[str]]) -> str:

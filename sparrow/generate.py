@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .model import KVCache, SparrowForCausalLM
+from .tokenizer.chat import stop_ids
 
 
 @dataclass
@@ -48,6 +49,12 @@ class GenerationConfig:
             raise ValueError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
         if self.vocab_limit is not None and self.vocab_limit < 1:
             raise ValueError(f"vocab_limit: must be >= 1, got {self.vocab_limit}")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, **settings) -> "GenerationConfig":
+        """Settings for generating with ``tokenizer``: stop at the end of a turn or of the text, and never emit
+        an id the tokenizer cannot decode (``vocab_limit``); ``settings`` are the other fields."""
+        return cls(stop_ids=stop_ids(tokenizer), vocab_limit=getattr(tokenizer, "vocab_size", None), **settings)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: list[list[int]], penalty: float) -> Tensor:

@@ -9,10 +9,8 @@ names follow Hugging Face's ``LlamaForCausalLM``, and so do the config fields, w
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from .safetensors_io import CONFIG_NAME, WEIGHTS_NAME, load_weights, save_weights  # noqa: F401
 # The label of positions that carry no loss (prompts, padding, a packed document's first token).
 IGNORE_INDEX = -100
 
@@ -369,29 +366,16 @@ class SparrowForCausalLM(nn.Module):
     # ------------------------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors``; each file lands atomically (temp + rename)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)  # shared with the embeddings; safetensors refuses aliases
-        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME,
-                      lambda path: path.write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n"))
+        save_weights(directory, self.state_dict(), self.config.to_hf_dict(),
+                     tied_embeddings=self.config.tie_word_embeddings)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, backend: str | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "SparrowForCausalLM":
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name}: not found (expected a folder written by save_pretrained)")
-        config = SparrowConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()), ignore_unknown=True)
+        values, state = load_weights(directory)
+        config = SparrowConfig.from_dict(values, ignore_unknown=True)
         model = cls(config, backend=backend)
-        state = load_file(str(directory / WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(state, strict=False)
         allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
         if set(missing) - allowed_missing or unexpected:
@@ -404,17 +388,6 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def patch(model: nn.Module, backend: str | None) -> nn.Module:

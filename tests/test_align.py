@@ -5,9 +5,8 @@ import torch
 from conftest import ByteTokenizer
 
 from sparrow import SparrowConfig, SparrowForCausalLM
-from sparrow.align import (
+from sparrow.post_training.losses import (
     DPOObjective,
-    RewardModel,
     RewardObjective,
     bradley_terry_loss,
     dpo_loss,
@@ -15,6 +14,7 @@ from sparrow.align import (
     precompute_reference,
     sequence_logprobs,
 )
+from sparrow.post_training.reward_model import RewardModel
 
 
 def logsig(x):
@@ -166,7 +166,7 @@ def test_reward_model_learns_to_rank_pairs():
 
 
 def test_preference_pairs_from_a_checkpoint_drop_near_identical_answers():
-    from sparrow.preference import build_pairs, similarity
+    from sparrow.post_training.preference_data import build_pairs, similarity
 
     assert similarity("Paris", "Paris") == 1.0 and similarity("abcd", "wxyz") == 0.0
     torch.manual_seed(0)

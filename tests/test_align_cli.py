@@ -5,9 +5,9 @@ import torch
 import yaml
 
 from sparrow import SparrowConfig, SparrowForCausalLM
-from sparrow.align import RewardModel
+from sparrow.post_training.reward_model import RewardModel
 from sparrow.cli import main
-from sparrow.tokenizer import train_tokenizer
+from sparrow.tokenizer import Tokenizer, train_tokenizer
 
 TEXTS = ["Question: What is 2 plus 3?\nAnswer: 5.", "问题：3 加 4 等于多少？\n答案：7。", "Hello world, the cat sat."]
 
@@ -113,7 +113,7 @@ def test_pairs_command_builds_preference_data_from_a_checkpoint(start, tmp_path,
 def test_shipped_stage_configs_are_valid(stage):
     from pathlib import Path
 
-    from sparrow.stages import load_stage_config
+    from sparrow.post_training.stages import load_stage_config
 
     path = Path(__file__).parents[1] / "configs" / f"{stage}_tiny.yaml"
     config, options = load_stage_config(stage, path)
@@ -121,3 +121,59 @@ def test_shipped_stage_configs_are_valid(stage):
     assert options.max_length <= config.data.seq_len
     if stage == "dpo":
         assert options.rpo_alpha > 0 and options.beta == 0.1
+
+
+def test_a_missing_starting_model_names_the_folder_and_the_command_that_makes_it(start, tmp_path, capsys):
+    config = stage_config(tmp_path, "sft", tmp_path / "no-such-model", data="sft.jsonl")
+    (tmp_path / "sft.jsonl").write_text((start / "sft.jsonl").read_text())
+    assert main(["sft", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model: no model to start from" in err and "`sparrow pretrain`" in err and "<stage>" not in err
+    config = stage_config(tmp_path, "dpo", tmp_path / "no-such-model", data="sft.jsonl")
+    assert main(["dpo", "--config", str(config)]) == 2
+    assert "`sparrow sft`" in capsys.readouterr().err
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("sft: {data: [unclosed\n")
+    assert main(["sft", "--config", str(bad_yaml)]) == 2
+    assert "bad.yaml: not valid YAML" in capsys.readouterr().err  # load_config's handling, shared by the stages
+
+
+def test_a_corrupted_weights_file_is_an_error_naming_it(start, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(start / "pretrained", folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated copy
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        SparrowForCausalLM.from_pretrained(folder)
+    assert main(["generate", str(folder), "hello"]) == 2
+    assert f"{weights}: not a readable safetensors file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        RewardModel.from_pretrained(folder)
+
+
+def test_checkpoint_model_folders_find_the_run_tokenizer(start, tmp_path):
+    from sparrow.model_folder import find_tokenizer, load_model_and_tokenizer
+
+    run = tmp_path / "run"
+    model_dir = run / "checkpoints" / "step_00000002" / "model"
+    SparrowForCausalLM.from_pretrained(start / "pretrained").save_pretrained(model_dir)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json: not found"):
+        find_tokenizer(model_dir)
+    (run / "tokenizer.json").write_text((start / "pretrained" / "tokenizer.json").read_text())
+    assert find_tokenizer(model_dir) == run / "tokenizer.json"
+    model, tok = load_model_and_tokenizer(model_dir)
+    assert not model.training and tok.vocab_size == Tokenizer.from_file(start / "pretrained" / "tokenizer.json").vocab_size
+
+
+def test_old_module_paths_still_work_and_warn():
+    import importlib
+    import sys
+
+    for old, name in (("sparrow.align", "DPOObjective"), ("sparrow.sft", "render"), ("sparrow.stages", "build_sft"),
+                      ("sparrow.preference", "build_pairs"), ("sparrow.evaluate", "exact_match")):
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=old.replace(".", r"\.")):
+            module = importlib.import_module(old)
+        assert callable(getattr(module, name))

@@ -65,6 +65,18 @@ def test_shrunk_demo_runs_every_stage_and_writes_the_report(tmp_path):
     # Questions about the corpus's own (smaller) world: 48 seen people x 10 questions, plus arithmetic and reading.
     assert len(chats) == 48 * 10 * 2
 
+    # `sparrow eval` scores the demo's held-out items through the same evaluation: the same figures.
+    demo = tmp_path / "demo"
+    assert main(["eval", str(demo / "dpo" / "model"), "--per-task", "2", "--num-people", "60",
+                 "--pairs", str(report / "pairs_heldout.jsonl"), "--reference", str(demo / "pretrain" / "model"),
+                 "--max-length", "192", "--out", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    dpo = saved["stages"][2]
+    assert evaluated["items"] == 6 and evaluated["by_task"] == saved["exact_match_by_task"]["dpo"]
+    assert evaluated["exact_match"] == dpo["exact_match_chat"] and evaluated["typed_answer"] == dpo["typed_answer_chat"]
+    assert evaluated["preference"]["preference_accuracy"] == dpo["preference_accuracy"]
+    assert evaluated["preference"]["margin"] == pytest.approx(dpo["preference_margin"], abs=1e-6)
+
 
 @pytest.mark.slow
 def test_default_demo_shows_learning_on_held_out_items(tmp_path, monkeypatch):

@@ -6,8 +6,9 @@ import torch
 from conftest import ByteTokenizer
 
 from sparrow import SparrowConfig, SparrowForCausalLM
-from sparrow.align import RewardModel, pad_right
-from sparrow.evaluate import exact_match, extract_answer, perplexity, preference_accuracy
+from sparrow.post_training.evaluation import exact_match, extract_answer, perplexity, preference_accuracy
+from sparrow.post_training.losses import pad_right
+from sparrow.post_training.reward_model import RewardModel
 
 
 def tiny(vocab=64, seed=0):

@@ -5,7 +5,7 @@ import torch
 
 from sparrow import SparrowConfig, SparrowForCausalLM
 from sparrow.export import export_hf
-from sparrow.sft import render
+from sparrow.tokenizer.chat import render
 from sparrow.tokenizer import Tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers")

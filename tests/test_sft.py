@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sparrow import SparrowConfig, SparrowForCausalLM
-from sparrow.sft import TEMPLATES, SFTDataset, encode_chat, read_records, render, render_jinja, to_messages
+from sparrow.post_training.chat_data import SFTDataset, encode_chat, read_records, to_messages
+from sparrow.tokenizer.chat import TEMPLATES, render, render_jinja
 from sparrow.tokenizer import Tokenizer, train_tokenizer
 
 CHAT = [

@@ -1,10 +1,13 @@
 """The ``sparrow`` command line. Each concern registers its own subcommands; this module only assembles them.
 
-    sparrow info                     versions, extensions and ops backends on this machine
-    sparrow tokenizer train|merge    byte-level BPE (sparrow.tokenizer)
-    sparrow data clean|tokenize      corpus cleaning and token files (sparrow.data, sparrow.tokenizer)
-    sparrow pretrain                 pretraining (sparrow.train)
-    sparrow sft|dpo|rm               fine-tuning stages; generate, chat, eval, export, demo (sparrow.align_cli)
+    sparrow info                              versions, extensions and ops backends on this machine
+    sparrow tokenizer train|merge|encode      byte-level BPE                       (cli/tokenizer.py)
+    sparrow data clean|tokenize|builtin|...   corpus cleaning and token files      (cli/data.py)
+    sparrow pretrain|sft|dpo|rm|pairs|demo    training stages and the demo         (cli/training.py)
+    sparrow generate|chat|eval|export         using a trained model                (cli/inference.py)
+    sparrow bench                             the benchmark runner                 (bench_cli.py)
+
+A command module parses arguments and calls the library; it computes nothing of its own.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ COMMAND_MODULES = (
     "sparrow.cli.tokenizer",
     "sparrow.cli.data",
     "sparrow.cli.training",
+    "sparrow.cli.inference",
     "sparrow.bench_cli",
-    "sparrow.align_cli",
 )
 
 

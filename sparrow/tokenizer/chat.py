@@ -122,6 +122,12 @@ def stop_ids(tokenizer) -> list[int]:
     return [t for t in (tokenizer.token_to_id(END_OF_TURN), tokenizer.token_to_id(EOT)) if t is not None]
 
 
+def decode_answer(tokenizer, ids) -> str:
+    """The text of generated ``ids`` without the stop tokens."""
+    stops = set(stop_ids(tokenizer))
+    return tokenizer.decode([t for t in ids if t not in stops])
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Ids of rendered chat text: special-token text (role headers, ``<|end|>``) becomes the special tokens."""
     return list(tokenizer.encode(text, allowed_special="all"))

@@ -16,7 +16,6 @@ any number of ranks.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -28,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model import CONFIG_NAME, WEIGHTS_NAME, SparrowConfig
+from ..model import SparrowConfig
+from ..safetensors_io import load_weights, save_weights
 from . import distributed
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -105,17 +105,10 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, opt
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:08d}"
     if info.is_main:
-        from safetensors.torch import save_file
-
         config: SparrowConfig = distributed.unwrap(model).config
         tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "model").mkdir(parents=True)
-        weights = {k: v.contiguous() for k, v in model_sd.items()}
-        if config.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)  # shared with the embeddings; safetensors refuses aliases
-        save_file(weights, str(tmp / "model" / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / "model" / CONFIG_NAME).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        save_weights(tmp / "model", model_sd, config.to_hf_dict(), tied_embeddings=config.tie_word_embeddings)
         torch.save({**trainer_state, "step": step, "optimizer": optim_sd,
                     "scheduler": scheduler.state_dict(), "rng": rngs}, tmp / TRAINER_STATE)
         (tmp / "config.yaml").write_text(config_yaml)
@@ -133,11 +126,10 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, opt
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                     info: distributed.DistInfo) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNG state from ``path``; returns the trainer state."""
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     raw = distributed.unwrap(model)
-    weights = load_file(str(path / "model" / WEIGHTS_NAME))
+    _, weights = load_weights(path / "model")
     if raw.config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)

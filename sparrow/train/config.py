@@ -232,18 +232,29 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """The defaults, then the YAML file at ``path`` (if any), then each ``section.key=value`` override."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The sections of a YAML config file, as a dict; a missing file or invalid YAML is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of sections (model, data, train, ...), got {type(values).__name__}")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *,
+                values: dict[str, Any] | None = None) -> Config:
+    """The defaults, then the YAML file at ``path`` (if any; or its already-read sections, ``values``), then
+    each ``section.key=value`` override."""
     config = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML ({exc})") from exc
-        apply_dict(config, values, str(path))
+    if values is None and path is not None:
+        values = read_config_file(path)
+    if values is not None:
+        apply_dict(config, values, str(path or "config"))
     for text in overrides:
         key, value = parse_override(text)
         set_key(config, key, value)

@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..model import SparrowForCausalLM, patch
+from ..model import IGNORE_INDEX, SparrowForCausalLM, patch
 from . import checkpoint as ckpt
 from . import distributed
 from .config import Config
@@ -62,7 +62,7 @@ class CausalLMObjective:
         return out.loss, {}
 
     def weight(self, batch: dict[str, Any]) -> float:
-        return float((batch["labels"][:, 1:] != -100).sum())
+        return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 class NonFiniteLossError(RuntimeError):

@@ -13,7 +13,6 @@ percentage is of useful bandwidth.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import device_info, print_table, time_fwd_bwd, write_results  # noqa: E402
+from benchmarks.common import bandwidth_parser, device_info, print_fwd_bwd, report_bandwidth  # noqa: E402
+from benchmarks.common import select_impls, time_fwd_bwd  # noqa: E402
 from sparrow import ops  # noqa: E402
 from sparrow.ops import reference  # noqa: E402
 from sparrow.testing import assert_close  # noqa: E402
@@ -83,12 +83,8 @@ def bench_one(op: str, name: str, fn, tokens: int, hidden: int, dtype, device: s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small shapes")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p = bandwidth_parser(__doc__, "rmsnorm", "reference,compiled,triton,cuda,liger")
     p.add_argument("--ops", default="rms_norm,fused_add_rms_norm")
-    p.add_argument("--impls", default=None, help="comma-separated subset of reference,compiled,triton,cuda,liger")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/rmsnorm.json)")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -103,24 +99,16 @@ def main(argv=None) -> int:
     peak = meta.get("peak_bandwidth_gbs")
     rows = []
     for op in args.ops.split(","):
-        impls = implementations(op, device)
-        if device == "cpu":
-            impls.pop("triton", None)  # the interpreter measures Python, not the kernel
-        if args.impls:
-            impls = {k: v for k, v in impls.items() if k in args.impls.split(",")}
+        impls = select_impls(implementations(op, device), device, args.impls)
         for tokens, hidden in shapes:
             for name, fn in impls.items():
                 row = {"op": op, "impl": name, "tokens": tokens, "hidden": hidden, "shape": f"{tokens}x{hidden}"}
                 row.update(bench_one(op, name, fn, tokens, hidden, dtype, device, peak, warmup, rep))
                 rows.append(row)
-                print(f"{op} {name} {tokens}x{hidden}: "
-                      + (row.get("error") or f"fwd {row['fwd_ms']:.3f} ms, bwd {row['bwd_ms']:.3f} ms"), flush=True)
-    path = write_results("rmsnorm", rows, meta, out=args.out,
-                         plot={"x": "shape", "series": "impl", "y": ["fwd_gbs", "bwd_gbs"]})
-    print(f"\nRMSNorm, {args.dtype}, {meta['device']} (peak {peak} GB/s)")
-    print_table(rows, ["op", "impl", "tokens", "hidden", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_pct_peak",
-                       "bwd_pct_peak", "fwd_bwd_pct_peak", "peak_mem_mib", "error"])
-    print(f"\nwrote {path}")
+                print_fwd_bwd(f"{op} {name} {tokens}x{hidden}", row)
+    columns = ["op", "impl", "tokens", "hidden", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_pct_peak", "bwd_pct_peak",
+               "fwd_bwd_pct_peak", "peak_mem_mib", "error"]
+    report_bandwidth("rmsnorm", "RMSNorm", rows, meta, columns, out=args.out)
     return 0
 
 

@@ -11,7 +11,6 @@ Bytes counted: q and k read and written once each way, plus the cos/sin rows.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import device_info, print_table, time_fwd_bwd, write_results  # noqa: E402
+from benchmarks.common import bandwidth_parser, device_info, print_fwd_bwd, report_bandwidth  # noqa: E402
+from benchmarks.common import select_impls, time_fwd_bwd  # noqa: E402
 from sparrow import ops  # noqa: E402
 from sparrow.ops import reference  # noqa: E402
 from sparrow.testing import assert_close  # noqa: E402
@@ -80,11 +80,7 @@ def bench_one(name, fn, batch, seq, heads, dtype, device, peak, warmup, rep):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small shapes")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--impls", default=None, help="comma-separated subset of reference,compiled,triton,cuda,liger")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/rope.json)")
+    p = bandwidth_parser(__doc__, "rope", "reference,compiled,triton,cuda,liger")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -98,11 +94,7 @@ def main(argv=None) -> int:
     meta = device_info()
     meta.update(dtype=args.dtype, head_dim=HEAD_DIM, kv_heads=KV_HEADS, quick=args.quick)
     peak = meta.get("peak_bandwidth_gbs")
-    impls = implementations(device)
-    if device == "cpu":
-        impls.pop("triton", None)  # the interpreter measures Python, not the kernel
-    if args.impls:
-        impls = {k: v for k, v in impls.items() if k in args.impls.split(",")}
+    impls = select_impls(implementations(device), device, args.impls)
     rows = []
     for batch, seq, heads in shapes:
         for name, fn in impls.items():
@@ -110,14 +102,9 @@ def main(argv=None) -> int:
                    "hidden": heads * HEAD_DIM, "shape": f"{batch * seq}x{heads}x{HEAD_DIM}"}
             row.update(bench_one(name, fn, batch, seq, heads, dtype, device, peak, warmup, rep))
             rows.append(row)
-            print(f"rope {name} {row['shape']}: "
-                  + (row.get("error") or f"fwd {row['fwd_ms']:.3f} ms, bwd {row['bwd_ms']:.3f} ms"), flush=True)
-    path = write_results("rope", rows, meta, out=args.out,
-                         plot={"x": "shape", "series": "impl", "y": ["fwd_gbs", "bwd_gbs"]})
-    print(f"\nRoPE, {args.dtype}, {meta['device']} (peak {peak} GB/s)")
-    print_table(rows, ["impl", "tokens", "hidden", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_pct_peak", "bwd_pct_peak",
-                       "fwd_bwd_pct_peak", "peak_mem_mib", "error"])
-    print(f"\nwrote {path}")
+            print_fwd_bwd(f"rope {name} {row['shape']}", row)
+    report_bandwidth("rope", "RoPE", rows, meta, ["impl", "tokens", "hidden", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
+                     "fwd_pct_peak", "bwd_pct_peak", "fwd_bwd_pct_peak", "peak_mem_mib", "error"], out=args.out)
     return 0
 
 

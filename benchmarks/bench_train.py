@@ -155,6 +155,16 @@ def unavailable(backend: str, device: torch.device) -> str | None:
     return f"the {backend} backend is unavailable: {error}" if error else None
 
 
+def skipped(row: dict, rows: list[dict], label: str, backend: str, device: torch.device) -> bool:
+    """Record ``row`` as skipped, with the reason, when ``backend`` cannot be timed here."""
+    reason = unavailable(backend, device)
+    if reason:
+        row.update(status="skipped", reason=reason)
+        rows.append(row)
+        print(f"{label} skipped: {reason}", flush=True)
+    return reason is not None
+
+
 def build_model(config: SparrowConfig, backend: str, device: torch.device, dtype=None) -> SparrowForCausalLM:
     # The same seed on the same device gives every variant the same weights.
     torch.manual_seed(0)
@@ -277,11 +287,7 @@ def train_rows(preset: str, config: SparrowConfig, args, device: torch.device, v
                "packed": packed, "compile_backend": args.compile_backend if compiled else None,
                "precision": args.precision, "batch_size": batch, "seq_len": seq,
                "docs": len(data["doc_lengths"]), "tokens_per_step": tokens}
-        reason = unavailable(backend, device)
-        if reason:
-            row.update(status="skipped", reason=reason)
-            rows.append(row)
-            print(f"{preset:5s} {name:20s} skipped: {reason}", flush=True)
+        if skipped(row, rows, f"{preset:5s} {name:20s}", backend, device):
             continue
         try:
             if layout not in ref_losses:
@@ -375,11 +381,7 @@ def generation_rows(preset: str, config: SparrowConfig, args, device: torch.devi
         name = f"generate {method} {backend}"
         row = {"kind": "generate", "preset": preset, "variant": name, "backend": backend, "method": method,
                "batch_size": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype).removeprefix("torch.")}
-        reason = unavailable(backend, device)
-        if reason:
-            row.update(status="skipped", reason=reason)
-            rows.append(row)
-            print(f"{preset:5s} {name:28s} skipped: {reason}", flush=True)
+        if skipped(row, rows, f"{preset:5s} {name:28s}", backend, device):
             continue
         try:
             model = build_model(config, backend, device, dtype).eval()

@@ -165,6 +165,42 @@ def time_fwd_bwd(forward: Callable[[], object], forward_with_grad: Callable[[], 
     }
 
 
+def bandwidth_parser(description: str, name: str, impls: str):
+    """The options every memory-bound benchmark takes (--quick, --dtype, --impls, --out)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--impls", default=None, help=f"comma-separated subset of {impls}")
+    p.add_argument("--out", default=None, help=f"JSON path (default benchmarks/results/<device>/{name}.json)")
+    return p
+
+
+def select_impls(impls: dict, device: str, wanted: str | None) -> dict:
+    """The implementations to time: never Triton on a CPU (the interpreter measures Python, not the kernel), and
+    with ``wanted`` (comma-separated names) only those."""
+    if device == "cpu":
+        impls = {k: v for k, v in impls.items() if k != "triton"}
+    return impls if not wanted else {k: v for k, v in impls.items() if k in wanted.split(",")}
+
+
+def print_fwd_bwd(label: str, row: dict) -> None:
+    """One progress line per timed row: its forward and backward times, or its error."""
+    print(f"{label}: " + (row.get("error") or f"fwd {row['fwd_ms']:.3f} ms, bwd {row['bwd_ms']:.3f} ms"), flush=True)
+
+
+def report_bandwidth(name: str, title: str, rows: list[dict], meta: dict, columns: list[str],
+                     out: str | Path | None = None) -> Path:
+    """The end of a memory-bound benchmark: its JSON and GB/s plot written, its table printed."""
+    plot = {"x": "shape", "series": "impl", "y": ["fwd_gbs", "bwd_gbs"]}
+    path = write_results(name, rows, meta, out=out, plot=plot)
+    print(f"\n{title}, {meta['dtype']}, {meta['device']} (peak {meta.get('peak_bandwidth_gbs')} GB/s)")
+    print_table(rows, columns)
+    print(f"\nwrote {path}")
+    return path
+
+
 def write_results(name: str, rows: list[dict], meta: dict, *, plot: dict | None = None, out: str | Path | None = None) -> Path:
     """Write ``{"meta", "rows", "plot"}`` to ``out`` or benchmarks/results/<device-slug>/<name>.json."""
     path = Path(out) if out else RESULTS / device_slug(meta.get("device")) / f"{name}.json"

@@ -179,6 +179,7 @@ class World:
         color_en, color_zh = COLORS[p.color]
         pet_en, pet_zh, measure = PETS[p.pet]
         n = p.name_en if lang == "en" else p.name_zh
+        # The English and Chinese tables below have the same shape on purpose: parallel text, not repeated logic.
         if lang == "en":
             return [
                 [f"{n} lives in {city_en}.", f"{n} has made a home in {city_en}.", f"The city of {city_en} is where {n} lives."],

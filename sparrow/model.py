@@ -23,9 +23,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from .hf.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config, read_state_dict
+from .hf.config import hf_config_from_sparrow, sparrow_fields_from_hf
 
 
 @dataclass
@@ -44,6 +43,14 @@ class SparrowConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Llama-family variants (Hugging Face checkpoints; see sparrow.hf.config). head_dim None means
+    # hidden_size // num_attention_heads.
+    head_dim: int | None = None
+    qkv_bias: bool = False                  # bias on q/k/v projections (Qwen2; Llama/Qwen3 attention_bias)
+    o_bias: bool = False                    # bias on the output projection (Llama/Qwen3 attention_bias)
+    qk_norm: bool = False                   # per-head RMSNorm of q and k before RoPE (Qwen3)
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": linear|dynamic|llama3|yarn, ...} as transformers
+    model_type: str = "llama"               # the architecture export writes back (llama, mistral, qwen2, qwen3)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -52,16 +59,17 @@ class SparrowConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads ({self.num_attention_heads})")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.hidden_size % self.num_attention_heads:
+                    raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads ({self.num_attention_heads})")
+        elif not isinstance(self.head_dim, int) or self.head_dim < 1:
+            raise ValueError(f"head_dim: must be a positive int or None, got {self.head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads: {self.num_key_value_heads} must divide num_attention_heads ({self.num_attention_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"hidden_size: head_dim {self.head_dim} must be even for rotary embeddings")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+            raise ValueError(f"head_dim: {self.head_dim} must be even for rotary embeddings")
+        rope_frequencies(self)  # refuses a rope_scaling it does not implement, by name
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -85,21 +93,19 @@ class SparrowConfig:
         return dataclasses.asdict(self)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config as Hugging Face's LlamaConfig reads it."""
-        return {
-            **self.to_dict(),
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "head_dim": self.head_dim,
-        }
+        """The config as transformers reads it, in this model's own architecture (``model_type``)."""
+        return hf_config_from_sparrow(self.to_dict())
+
+    @classmethod
+    def from_hf_dict(cls, values: dict[str, Any]) -> "SparrowConfig":
+        """From a Hugging Face config.json (llama, mistral, qwen2, qwen3); refuses math-changing fields it lacks."""
+        return cls(**sparrow_fields_from_hf(values))
 
     def num_parameters(self) -> int:
         h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
-        kv = self.num_key_value_heads * self.head_dim
-        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h
+        per_layer += (q + 2 * kv) * self.qkv_bias + h * self.o_bias + 2 * self.head_dim * self.qk_norm
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * per_layer + embeddings + h
 
@@ -174,16 +180,81 @@ class RMSNorm(nn.Module):
         return ops.fused_add_rms_norm(x, residual, self.weight.to(x.dtype), self.eps, backend=self.backend)
 
 
+def rope_frequencies(config: SparrowConfig) -> tuple[Tensor, float]:
+    """(inverse frequencies (head_dim // 2,) float64, attention factor scaling cos and sin), computed as
+    transformers' ``modeling_rope_utils`` does for each ``rope_scaling`` kind.
+
+    ``dynamic`` (NTK) rescales the base only for sequences longer than ``max_position_embeddings``, which Sparrow
+    refuses, so within Sparrow's range its frequencies are the default ones exactly.
+    """
+    dim, base = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = dict(config.rope_scaling or {})
+    kind = scaling.pop("rope_type", "default")
+
+    def number(name: str, default: float | None = None, *, minimum: float | None = None) -> float:
+        value = scaling.get(name, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or (minimum is not None and value < minimum):
+            raise ValueError(f"rope_scaling.{name}: expected a number{'' if minimum is None else f' >= {minimum}'} for rope_type {kind!r}, got {value!r}")
+        return float(value)
+
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / number("factor", minimum=1.0), 1.0
+    if kind == "dynamic":
+        number("factor", minimum=1.0)
+        return inv_freq, 1.0
+    if kind == "llama3":
+        factor, low, high = number("factor", minimum=1.0), number("low_freq_factor"), number("high_freq_factor")
+        old_len = number("original_max_position_embeddings", minimum=1)
+        if high <= low:
+            raise ValueError(f"rope_scaling.high_freq_factor: must exceed low_freq_factor ({low}), got {high}")
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        old_len = number("original_max_position_embeddings", minimum=1)
+        factor = scaling.get("factor")
+        factor = config.max_position_embeddings / old_len if factor is None else number("factor", minimum=1.0)
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # as transformers: avoid a zero-width ramp
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        return inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation, float(attention_factor)
+    raise ValueError(f"rope_scaling.rope_type: {kind!r} is not implemented; use default, linear, dynamic, llama3 or yarn")
+
+
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables of shape (rotary_dim // 2,) per position, built once up to max_position_embeddings."""
+    """cos/sin tables of shape (rotary_dim // 2,) per position, built once up to max_position_embeddings
+    (scaled by the rope_scaling's attention factor, as transformers scales its cos and sin)."""
 
     def __init__(self, config: SparrowConfig):
         super().__init__()
-        half = config.head_dim // 2
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
+        inv_freq, attention_factor = rope_frequencies(config)
         angles = torch.outer(torch.arange(config.max_position_embeddings, dtype=torch.float64), inv_freq)
-        self.register_buffer("cos_cached", angles.cos().float(), persistent=False)
-        self.register_buffer("sin_cached", angles.sin().float(), persistent=False)
+        self.register_buffer("cos_cached", (angles.cos() * attention_factor).float(), persistent=False)
+        self.register_buffer("sin_cached", (angles.sin() * attention_factor).float(), persistent=False)
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return self.cos_cached[positions].to(dtype), self.sin_cached[positions].to(dtype)
@@ -196,10 +267,14 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
         self.backend: str | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None,
@@ -208,6 +283,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.apply_rope(q, k, cos, sin, backend=self.backend)
         if cache is not None:
             k_cache, v_cache, slots, new_lengths = cache
@@ -314,6 +391,8 @@ class SparrowForCausalLM(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     @property
     def backend(self) -> str | None:
@@ -381,19 +460,18 @@ class SparrowForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, backend: str | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "SparrowForCausalLM":
-        from safetensors.torch import load_file
-
+        """Load a folder written by :meth:`save_pretrained` or a Hugging Face checkpoint of the Llama family
+        (llama, mistral, qwen2, qwen3; single or sharded safetensors; see :mod:`sparrow.hf`)."""
         directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name}: not found (expected a folder written by save_pretrained)")
-        config = SparrowConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()), ignore_unknown=True)
+        config = SparrowConfig.from_hf_dict(read_config(directory))
+        state = read_state_dict(directory)
         model = cls(config, backend=backend)
-        state = load_file(str(directory / WEIGHTS_NAME))
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # tied: the embedding is the head
         missing, unexpected = model.load_state_dict(state, strict=False)
         allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
         if set(missing) - allowed_missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_NAME}: missing {sorted(set(missing) - allowed_missing)}, unexpected {sorted(unexpected)}")
+            raise ValueError(f"{directory}: weights missing {sorted(set(missing) - allowed_missing)}, unexpected {sorted(unexpected)}")
         return model.to(device=device, dtype=dtype)
 
 

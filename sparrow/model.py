@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .hf.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config, read_state_dict
 from .hf.config import hf_config_from_sparrow, sparrow_fields_from_hf
+from .hf.patching import is_transformers_model, patch_transformers
 
 
 @dataclass
@@ -493,11 +494,17 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def patch(model: nn.Module, backend: str | None) -> nn.Module:
+def patch(model: nn.Module, backend: str | None):
     """Swap the ops backend of every Sparrow module in ``model``, in place; ``None`` follows
-    :func:`sparrow.ops.use_backend` / ``$SPARROW_BACKEND``. Returns the model."""
+    :func:`sparrow.ops.use_backend` / ``$SPARROW_BACKEND``. Returns the model.
+
+    A transformers model of the Llama family (llama, mistral, qwen2, qwen3) gets Sparrow's norms, rotary and
+    attention swapped in instead (:func:`sparrow.hf.patching.patch_transformers`), and the return value is the
+    record of what was swapped, whose ``undo()`` restores the model."""
     if backend is not None and backend not in (*ops.BACKENDS, "auto"):
         raise ValueError(f"backend: must be one of {(*ops.BACKENDS, 'auto')} or None, got {backend!r}")
+    if is_transformers_model(model):
+        return patch_transformers(model, backend)
     for module in model.modules():
         if isinstance(module, (RMSNorm, Attention)):
             module.backend = backend

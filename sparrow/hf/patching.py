@@ -1,0 +1,221 @@
+"""Swap Sparrow's kernels into transformers models of the Llama family, in place and undoably.
+
+``sparrow.patch(model, backend)`` lands here for a transformers model. One table (:data:`ARCHITECTURES`) says,
+per ``model_type``, which modeling module and RMSNorm class to swap; one function (:func:`patch_transformers`)
+does it for all of them:
+
+- every RMSNorm module (Qwen3's per-head q/k norms included) gets a subclass whose forward is
+  :func:`sparrow.ops.rms_norm`;
+- the modeling module's ``apply_rotary_pos_emb`` becomes :func:`sparrow.ops.apply_rope` (process-wide, as the
+  attention layers look it up by name at call time);
+- attention runs through transformers' own registry: ``AttentionInterface.register("sparrow", ...)`` and
+  ``model.set_attn_implementation("sparrow")``, with a mask function of our own that tells plain causal
+  attention (:func:`sparrow.ops.attention`) and packed documents (position ids restarting per document: varlen
+  :func:`sparrow.ops.attention_varlen` over cu_seqlens derived from the position ids, no cross-document
+  attention) from anything else. Anything else (a padding mask, decoding against a cache) is handed to
+  transformers' own sdpa attention with its mask, so the result never changes.
+
+Not fused: the residual add with the following norm, since transformers' decoder layer does the add itself.
+The config must be one Sparrow loads (:func:`sparrow.hf.config.sparrow_fields_from_hf`), so a sliding window or
+another math-changing field is refused by name rather than silently computed differently.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .config import sparrow_fields_from_hf
+
+# model_type -> (modeling module, RMSNorm class name in it)
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
+    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
+}
+
+ATTENTION_NAME = "sparrow"
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+
+
+# ------------------------------------------------------------------------------------------------ norms
+_NORM_SUBCLASSES: dict[type, type] = {}
+
+
+def _sparrow_rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
+    out = ops.rms_norm(hidden_states, self.weight.to(hidden_states.dtype), self.variance_epsilon,
+                       backend=self.sparrow_backend)
+    # transformers multiplies a float32 weight with the input-dtype normed values: keep its result dtype
+    return out.to(torch.promote_types(self.weight.dtype, hidden_states.dtype))
+
+
+def _norm_subclass(cls: type) -> type:
+    if cls not in _NORM_SUBCLASSES:
+        _NORM_SUBCLASSES[cls] = type(f"Sparrow{cls.__name__}", (cls,), {"forward": _sparrow_rms_norm_forward})
+    return _NORM_SUBCLASSES[cls]
+
+
+# ------------------------------------------------------------------------------------------------ rotary
+def _rope_function(backend: str | None) -> Callable:
+    def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
+        """transformers' signature: q, k (batch, heads, seq, head_dim); cos, sin (batch, seq, head_dim), the two
+        halves equal (cat(freqs, freqs), already scaled by the rope attention factor)."""
+        if unsqueeze_dim != 1:
+            raise ValueError(f"unsqueeze_dim: Sparrow's rotary patch handles 1 (heads before seq), got {unsqueeze_dim}")
+        half = cos.shape[-1] // 2
+        cos, sin = cos[..., :half], sin[..., :half]
+        if cos.shape[0] == 1:  # the same positions for every row: (seq, half) tables
+            cos, sin = cos[0], sin[0]
+        q_out, k_out = ops.apply_rope(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
+                                      cos.contiguous(), sin.contiguous(), backend=backend)
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
+
+    apply_rotary_pos_emb._sparrow = True
+    return apply_rotary_pos_emb
+
+
+# ------------------------------------------------------------------------------------------------ attention
+@dataclass(frozen=True)
+class CausalMask:
+    """What our mask function returns for plain causal attention over the whole input (no padding, no cache
+    offset): ``packed`` when transformers found documents in the position ids (it then turns its causal skip
+    off), so the attention splits them by position ids."""
+    packed: bool
+
+
+def _is_zero(offset: Any) -> bool:
+    return isinstance(offset, int) and offset == 0
+
+
+def _sparrow_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: Any = 0,
+                  mask_function: Callable | None = None, attention_mask: Tensor | None = None,
+                  allow_is_causal_skip: bool = True, **kwargs: Any) -> Any:
+    if attention_mask is None and q_length == kv_length and _is_zero(q_offset) and _is_zero(kv_offset):
+        return CausalMask(packed=not allow_is_causal_skip)
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+
+
+def cu_seqlens_from_position_ids(position_ids: Tensor, batch: int, seq: int) -> Tensor:
+    """Document boundaries over the flattened (batch * seq) tokens: a document starts at each row start and
+    wherever the position does not follow the previous one by 1 (as transformers finds packed sequences)."""
+    position_ids = position_ids.expand(batch, seq)
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    boundaries = starts.reshape(-1).nonzero().reshape(-1)
+    total = torch.tensor([batch * seq], device=position_ids.device, dtype=boundaries.dtype)
+    return torch.cat([boundaries, total]).to(torch.int32)
+
+
+def _sparrow_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
+                       dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+    """transformers' attention-function signature: query (batch, heads, q_len, head_dim), key/value
+    (batch, kv_heads, kv_len, head_dim); returns ((batch, q_len, heads, head_dim), None)."""
+    if not isinstance(attention_mask, CausalMask) and attention_mask is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError(f"dropout: Sparrow's attention has none, got {dropout}")
+    backend = getattr(module, "sparrow_backend", None)
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
+    b, t, h, d = q.shape
+    position_ids = kwargs.get("position_ids")
+    if isinstance(attention_mask, CausalMask) and attention_mask.packed and position_ids is not None:
+        cu_seqlens = cu_seqlens_from_position_ids(position_ids, b, t)
+        out = ops.attention_varlen(q.reshape(b * t, h, d), k.reshape(b * t, -1, d), v.reshape(b * t, -1, d),
+                                   cu_seqlens, t, causal=True, scale=scaling, backend=backend)
+        return out.reshape(b, t, h, d), None
+    return ops.attention(q, k, v, causal=True, scale=scaling, backend=backend), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _sparrow_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _sparrow_mask)
+
+
+# ------------------------------------------------------------------------------------------------ patch / undo
+@dataclass
+class TransformersPatch:
+    """What :func:`patch_transformers` swapped; :meth:`undo` puts every piece back."""
+    model: nn.Module
+    backend: str | None
+    norms: list[str] = field(default_factory=list)          # module names whose class was swapped
+    rotary: str | None = None                               # "<module>.apply_rotary_pos_emb"
+    attention: str | None = None                            # the attention implementation replaced
+    attention_modules: int = 0
+    _norm_classes: dict[str, type] = field(default_factory=dict, repr=False)
+    _rope_original: Callable | None = field(default=None, repr=False)
+
+    @property
+    def swapped(self) -> dict[str, Any]:
+        return {"rms_norm": len(self.norms), "rotary": self.rotary, "attention": self.attention_modules}
+
+    def undo(self) -> nn.Module:
+        modules = dict(self.model.named_modules())
+        for name, cls in self._norm_classes.items():
+            modules[name].__class__ = cls
+            del modules[name].sparrow_backend
+        for module in modules.values():
+            if hasattr(module, "sparrow_backend"):
+                del module.sparrow_backend
+        if self.rotary is not None:
+            module_name, attr = self.rotary.rsplit(".", 1)
+            setattr(importlib.import_module(module_name), attr, self._rope_original)
+        if self.attention is not None:
+            self.model.set_attn_implementation(self.attention)
+        self.norms, self.rotary, self.attention, self.attention_modules = [], None, None, 0
+        self._norm_classes.clear()
+        return self.model
+
+
+def patch_transformers(model: nn.Module, backend: str | None) -> TransformersPatch:
+    """Swap Sparrow's RMSNorm, rotary and attention into ``model`` (a transformers model of a supported
+    architecture); returns what was swapped, with ``undo()``."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model: transformers model_type {model_type!r} is not supported by sparrow.patch; "
+                         f"supported: {sorted(ARCHITECTURES)}")
+    sparrow_fields_from_hf(model.config.to_dict())  # refuses a config Sparrow's kernels would compute differently
+    if getattr(model, "_sparrow_patch", None) is not None:
+        model._sparrow_patch.undo()  # re-patching (e.g. another backend) starts from the original
+    module_name, norm_name = ARCHITECTURES[model_type]
+    modeling = importlib.import_module(module_name)
+    norm_cls = getattr(modeling, norm_name)
+    record = TransformersPatch(model=model, backend=backend)
+    for name, module in model.named_modules():
+        if type(module) is norm_cls:
+            record._norm_classes[name] = type(module)
+            module.__class__ = _norm_subclass(norm_cls)
+            module.sparrow_backend = backend
+            record.norms.append(name)
+        elif type(module).__name__.endswith("Attention") and hasattr(module, "scaling"):
+            module.sparrow_backend = backend
+            record.attention_modules += 1
+    original_rope = modeling.apply_rotary_pos_emb
+    while getattr(original_rope, "_sparrow", False):  # left by a patch of another model
+        original_rope = original_rope._original
+    rope = _rope_function(backend)
+    rope._original = original_rope
+    modeling.apply_rotary_pos_emb = rope
+    record.rotary, record._rope_original = f"{module_name}.apply_rotary_pos_emb", original_rope
+    _register_attention()
+    record.attention = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    model._sparrow_patch = record
+    return record

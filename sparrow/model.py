@@ -505,7 +505,12 @@ def patch(model: nn.Module, backend: str | None):
         raise ValueError(f"backend: must be one of {(*ops.BACKENDS, 'auto')} or None, got {backend!r}")
     if is_transformers_model(model):
         return patch_transformers(model, backend)
+    found = False
     for module in model.modules():
         if isinstance(module, (RMSNorm, Attention)):
             module.backend = backend
+            found = True
+    if not found:
+        raise ValueError(f"model: {type(model).__name__} holds no Sparrow modules and is not a transformers model "
+                         "of a supported architecture (llama, mistral, qwen2, qwen3)")
     return model

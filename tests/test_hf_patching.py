@@ -126,6 +126,19 @@ def test_unsupported_architecture_and_config_are_refused_by_name():
         sparrow.patch(windowed, "reference")
 
 
+def test_two_patched_models_share_the_rotary_swap_until_the_last_undo():
+    from transformers.models.llama import modeling_llama
+
+    original = modeling_llama.apply_rotary_pos_emb
+    first, second = sparrow.patch(make("llama"), "reference"), sparrow.patch(make("llama", seed=1), "reference")
+    first.undo()
+    assert modeling_llama.apply_rotary_pos_emb is not original
+    second.undo()
+    assert modeling_llama.apply_rotary_pos_emb is original
+    with pytest.raises(ValueError, match="no Sparrow modules"):
+        sparrow.patch(torch.nn.Linear(2, 2), "reference")
+
+
 def test_patched_model_compiles():
     model = make("llama")
     ids, labels = batch()

@@ -23,6 +23,7 @@ another math-changing field is refused by name rather than silently computed dif
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,9 +43,15 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
 
 ATTENTION_NAME = "sparrow"
 
+# modeling module -> number of patched models using its swapped apply_rotary_pos_emb; the original comes back
+# when the last one is undone. (The function is module-global, so the backend of the latest patch serves all.)
+_ROPE_USERS: dict[str, int] = {}
+
 
 def is_transformers_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+    # Only a model built by an already imported transformers can be one: no import here.
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 # ------------------------------------------------------------------------------------------------ norms
@@ -176,11 +183,14 @@ class TransformersPatch:
                 del module.sparrow_backend
         if self.rotary is not None:
             module_name, attr = self.rotary.rsplit(".", 1)
-            setattr(importlib.import_module(module_name), attr, self._rope_original)
+            _ROPE_USERS[module_name] -= 1
+            if _ROPE_USERS[module_name] == 0:
+                setattr(importlib.import_module(module_name), attr, self._rope_original)
         if self.attention is not None:
             self.model.set_attn_implementation(self.attention)
         self.norms, self.rotary, self.attention, self.attention_modules = [], None, None, 0
         self._norm_classes.clear()
+        self.model._sparrow_patch = None
         return self.model
 
 
@@ -213,6 +223,7 @@ def patch_transformers(model: nn.Module, backend: str | None) -> TransformersPat
     rope = _rope_function(backend)
     rope._original = original_rope
     modeling.apply_rotary_pos_emb = rope
+    _ROPE_USERS[module_name] = _ROPE_USERS.get(module_name, 0) + 1
     record.rotary, record._rope_original = f"{module_name}.apply_rotary_pos_emb", original_rope
     _register_attention()
     record.attention = model.config._attn_implementation

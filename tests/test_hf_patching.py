@@ -66,7 +66,7 @@ def test_patch_swaps_and_keeps_logits_and_gradients(name):
     record = sparrow.patch(model, "reference")
     layers = SMALL["num_hidden_layers"]
     assert record.swapped == {"rms_norm": (2 * layers + 1) + (2 * layers if name == "qwen3" else 0),
-                              "rotary": record.rotary, "attention": layers}
+                              "fused_add_rms_norm": layers, "rotary": record.rotary, "attention": layers}
     assert record.rotary.endswith(f"modeling_{name}.apply_rotary_pos_emb")
     assert model.config._attn_implementation == "sparrow"
     assert_same(forward_backward(model, ids, labels), expected)

@@ -6,6 +6,9 @@ does it for all of them:
 
 - every RMSNorm module (Qwen3's per-head q/k norms included) gets a subclass whose forward is
   :func:`sparrow.ops.rms_norm`;
+- every decoder layer gets a subclass whose forward fuses the attention block's residual add with the
+  post-attention norm (:func:`sparrow.ops.fused_add_rms_norm`); the MLP's residual add stays as it is, since
+  the next norm belongs to the next layer (or the model's final norm);
 - the modeling module's ``apply_rotary_pos_emb`` becomes :func:`sparrow.ops.apply_rope` (process-wide, as the
   attention layers look it up by name at call time);
 - attention runs through transformers' own registry: ``AttentionInterface.register("sparrow", ...)`` and
@@ -15,7 +18,6 @@ does it for all of them:
   attention) from anything else. Anything else (a padding mask, decoding against a cache) is handed to
   transformers' own sdpa attention with its mask, so the result never changes.
 
-Not fused: the residual add with the following norm, since transformers' decoder layer does the add itself.
 The config must be one Sparrow loads (:func:`sparrow.hf.config.sparrow_fields_from_hf`), so a sliding window or
 another math-changing field is refused by name rather than silently computed differently.
 """
@@ -33,12 +35,13 @@ from torch import Tensor, nn
 from .. import ops
 from .config import sparrow_fields_from_hf
 
-# model_type -> (modeling module, RMSNorm class name in it)
-ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
-    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
-    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
+# model_type -> (modeling module, RMSNorm class, decoder layer class): the four share one decoder-layer structure
+# (pre-norm attention and MLP blocks, each followed by its residual add).
+ARCHITECTURES: dict[str, tuple[str, str, str]] = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "LlamaDecoderLayer"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "MistralDecoderLayer"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2DecoderLayer"),
+    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "Qwen3DecoderLayer"),
 }
 
 ATTENTION_NAME = "sparrow"
@@ -55,7 +58,7 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ norms
-_NORM_SUBCLASSES: dict[type, type] = {}
+_SUBCLASSES: dict[type, type] = {}
 
 
 def _sparrow_rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
@@ -65,10 +68,29 @@ def _sparrow_rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
     return out.to(torch.promote_types(self.weight.dtype, hidden_states.dtype))
 
 
-def _norm_subclass(cls: type) -> type:
-    if cls not in _NORM_SUBCLASSES:
-        _NORM_SUBCLASSES[cls] = type(f"Sparrow{cls.__name__}", (cls,), {"forward": _sparrow_rms_norm_forward})
-    return _NORM_SUBCLASSES[cls]
+def _fused_decoder_layer_forward(self, hidden_states: Tensor, attention_mask: Any = None, position_ids: Tensor | None = None,
+                                 cache: Any = None, use_cache: bool | None = False,
+                                 position_embeddings: tuple[Tensor, Tensor] | None = None, **kwargs: Any) -> Tensor:
+    """transformers' decoder layer, with ``residual + attention`` and the post-attention norm in one op."""
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                      cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+    norm = self.post_attention_layernorm
+    if hidden_states.dtype == residual.dtype:
+        hidden_states, residual = ops.fused_add_rms_norm(hidden_states, residual, norm.weight.to(hidden_states.dtype),
+                                                         norm.variance_epsilon, backend=self.sparrow_backend)
+        hidden_states = hidden_states.to(torch.promote_types(norm.weight.dtype, residual.dtype))
+    else:  # mixed dtypes (autocast over float32 embeddings): transformers' own promotion, unfused
+        residual = residual + hidden_states
+        hidden_states = norm(residual)
+    return residual + self.mlp(hidden_states)
+
+
+def _subclass(cls: type, forward: Callable) -> type:
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(f"Sparrow{cls.__name__}", (cls,), {"forward": forward})
+    return _SUBCLASSES[cls]
 
 
 # ------------------------------------------------------------------------------------------------ rotary
@@ -162,22 +184,23 @@ class TransformersPatch:
     """What :func:`patch_transformers` swapped; :meth:`undo` puts every piece back."""
     model: nn.Module
     backend: str | None
-    norms: list[str] = field(default_factory=list)          # module names whose class was swapped
+    norms: list[str] = field(default_factory=list)          # RMSNorm modules swapped
+    fused_layers: list[str] = field(default_factory=list)   # decoder layers with the fused add + norm
     rotary: str | None = None                               # "<module>.apply_rotary_pos_emb"
     attention: str | None = None                            # the attention implementation replaced
     attention_modules: int = 0
-    _norm_classes: dict[str, type] = field(default_factory=dict, repr=False)
+    _classes: dict[str, type] = field(default_factory=dict, repr=False)  # module name -> original class
     _rope_original: Callable | None = field(default=None, repr=False)
 
     @property
     def swapped(self) -> dict[str, Any]:
-        return {"rms_norm": len(self.norms), "rotary": self.rotary, "attention": self.attention_modules}
+        return {"rms_norm": len(self.norms), "fused_add_rms_norm": len(self.fused_layers), "rotary": self.rotary,
+                "attention": self.attention_modules}
 
     def undo(self) -> nn.Module:
         modules = dict(self.model.named_modules())
-        for name, cls in self._norm_classes.items():
+        for name, cls in self._classes.items():
             modules[name].__class__ = cls
-            del modules[name].sparrow_backend
         for module in modules.values():
             if hasattr(module, "sparrow_backend"):
                 del module.sparrow_backend
@@ -188,8 +211,8 @@ class TransformersPatch:
                 setattr(importlib.import_module(module_name), attr, self._rope_original)
         if self.attention is not None:
             self.model.set_attn_implementation(self.attention)
-        self.norms, self.rotary, self.attention, self.attention_modules = [], None, None, 0
-        self._norm_classes.clear()
+        self.norms, self.fused_layers, self.rotary, self.attention, self.attention_modules = [], [], None, None, 0
+        self._classes.clear()
         self.model._sparrow_patch = None
         return self.model
 
@@ -204,16 +227,17 @@ def patch_transformers(model: nn.Module, backend: str | None) -> TransformersPat
     sparrow_fields_from_hf(model.config.to_dict())  # refuses a config Sparrow's kernels would compute differently
     if getattr(model, "_sparrow_patch", None) is not None:
         model._sparrow_patch.undo()  # re-patching (e.g. another backend) starts from the original
-    module_name, norm_name = ARCHITECTURES[model_type]
+    module_name, norm_name, layer_name = ARCHITECTURES[model_type]
     modeling = importlib.import_module(module_name)
-    norm_cls = getattr(modeling, norm_name)
+    norm_cls, layer_cls = getattr(modeling, norm_name), getattr(modeling, layer_name)
     record = TransformersPatch(model=model, backend=backend)
     for name, module in model.named_modules():
-        if type(module) is norm_cls:
-            record._norm_classes[name] = type(module)
-            module.__class__ = _norm_subclass(norm_cls)
+        cls = type(module)
+        if cls in (norm_cls, layer_cls):
+            record._classes[name] = cls
+            module.__class__ = _subclass(cls, _sparrow_rms_norm_forward if cls is norm_cls else _fused_decoder_layer_forward)
             module.sparrow_backend = backend
-            record.norms.append(name)
+            (record.norms if cls is norm_cls else record.fused_layers).append(name)
         elif type(module).__name__.endswith("Attention") and hasattr(module, "scaling"):
             module.sparrow_backend = backend
             record.attention_modules += 1

@@ -130,3 +130,16 @@ def test_rope_frequencies_match_transformers(rope):
     default, _ = rope_frequencies(SparrowConfig.from_hf_dict(transformers.LlamaConfig(**dict(SMALL, head_dim=16)).to_dict()))
     if rope["rope_type"] != "dynamic":  # dynamic changes nothing within max_position_embeddings
         assert not torch.allclose(inv_freq, default)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama3_sharded"])
+def test_greedy_generation_matches_transformers(name, tmp_path):
+    from sparrow.generate import GenerationConfig, generate
+
+    hf_model, folder = build_hf(name, tmp_path)
+    model = SparrowForCausalLM.from_pretrained(folder, backend="reference").eval()
+    prompt = tokens(1, 8)[0].tolist()
+    new = 12
+    expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+    assert generate(model, [prompt], GenerationConfig(max_new_tokens=new))[0] == expected

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .hf.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config, read_state_dict
-from .hf.config import hf_config_from_sparrow, sparrow_fields_from_hf
+from .hf.config import ROPE_KEYS, hf_config_from_sparrow, sparrow_fields_from_hf
 from .hf.patching import is_transformers_model, patch_transformers
 
 
@@ -63,7 +63,7 @@ class SparrowConfig:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
             if self.hidden_size % self.num_attention_heads:
-                    raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads ({self.num_attention_heads})")
+                raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads ({self.num_attention_heads})")
         elif not isinstance(self.head_dim, int) or self.head_dim < 1:
             raise ValueError(f"head_dim: must be a positive int or None, got {self.head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -192,6 +192,11 @@ def rope_frequencies(config: SparrowConfig) -> tuple[Tensor, float]:
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaling = dict(config.rope_scaling or {})
     kind = scaling.pop("rope_type", "default")
+    if kind not in ROPE_KEYS:
+        raise ValueError(f"rope_scaling.rope_type: {kind!r} is not implemented; use one of {sorted(ROPE_KEYS)}")
+    unknown = sorted(set(scaling) - ROPE_KEYS[kind])
+    if unknown:
+        raise ValueError(f"rope_scaling.{unknown[0]}: not a parameter of rope_type {kind!r} (those are {sorted(ROPE_KEYS[kind])})")
 
     def number(name: str, default: float | None = None, *, minimum: float | None = None) -> float:
         value = scaling.get(name, default)
@@ -243,7 +248,7 @@ def rope_frequencies(config: SparrowConfig) -> tuple[Tensor, float]:
         ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
         extrapolation = 1 - ramp
         return inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation, float(attention_factor)
-    raise ValueError(f"rope_scaling.rope_type: {kind!r} is not implemented; use default, linear, dynamic, llama3 or yarn")
+    raise AssertionError(kind)  # ROPE_KEYS lists exactly the kinds handled above
 
 
 class RotaryEmbedding(nn.Module):

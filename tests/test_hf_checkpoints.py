@@ -143,3 +143,14 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
     expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
                                  pad_token_id=0)[0, len(prompt):].tolist()
     assert generate(model, [prompt], GenerationConfig(max_new_tokens=new))[0] == expected
+
+
+def test_sparrow_config_refuses_unknown_rope_scaling_by_name():
+    from sparrow import SparrowConfig
+
+    with pytest.raises(ValueError, match="rope_scaling.rope_type"):
+        SparrowConfig.from_preset("tiny", rope_scaling={"rope_type": "longrope"})
+    with pytest.raises(ValueError, match="rope_scaling.low_freq_factor"):
+        SparrowConfig.from_preset("tiny", rope_scaling={"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0})
+    with pytest.raises(ValueError, match="rope_scaling.factor"):
+        SparrowConfig.from_preset("tiny", rope_scaling={"rope_type": "linear"})

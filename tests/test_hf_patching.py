@@ -139,13 +139,15 @@ def test_two_patched_models_share_the_rotary_swap_until_the_last_undo():
         sparrow.patch(torch.nn.Linear(2, 2), "reference")
 
 
-def test_patched_model_compiles():
+@pytest.mark.parametrize("packed", [False, True])
+def test_patched_model_compiles(packed):
     model = make("llama")
     ids, labels = batch()
-    expected = forward_backward(model, ids, labels)
+    kwargs = {"position_ids": torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)} if packed else {}
+    expected = forward_backward(model, ids, labels, **kwargs)
     record = sparrow.patch(model, "reference")
     compiled = torch.compile(model, backend="aot_eager")
-    assert_same(forward_backward(compiled, ids, labels, params_of=model), expected)
+    assert_same(forward_backward(compiled, ids, labels, params_of=model, **kwargs), expected)
     record.undo()
 
 

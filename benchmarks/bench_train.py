@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """End-to-end training-step throughput of SparrowForCausalLM: tokens/s, MFU and peak memory of a full step
 (bf16 autocast forward on a GPU, backward, fused AdamW) for every ops backend, eager and under torch.compile, plus
-packed documents (cu_seqlens) on the auto backend, and generation tokens/s with the KV cache.
+packed documents (cu_seqlens) on the auto backend, and generation tokens/s with the KV cache. Then the same
+shape as a transformers LlamaForCausalLM, unpatched (sdpa) and patched with ``sparrow.patch`` (tokens/s and
+peak memory on a GPU; on a CPU the patched first loss is checked against the unpatched one, nothing is timed).
 
 Variants: the reference model in eager PyTorch and under torch.compile; the triton and cuda backends, each
 eager and compiled; the auto backend on packed rows (several documents per row). A variant whose backend
@@ -83,6 +85,7 @@ def parse_args():
     p.add_argument("--prompt-len", type=int, default=None, help="generation prompt tokens (default 128; --quick 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 256; --quick 8)")
     p.add_argument("--no-generate", action="store_true", help="skip the generation measurements")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers model, patched vs unpatched")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/train.json)")
     return p.parse_args()
 
@@ -415,6 +418,90 @@ def generation_rows(preset: str, config: SparrowConfig, args, device: torch.devi
     return rows, errors
 
 
+# ------------------------------------------------------------------------------------------ transformers
+# (name, sparrow.patch backend or None for the unpatched sdpa model, torch.compile)
+TRANSFORMERS_VARIANTS = (
+    ("hf sdpa", None, False),
+    ("hf sdpa+compile", None, True),
+    ("hf patched auto", "auto", False),
+    ("hf patched auto+compile", "auto", True),
+)
+
+
+def transformers_rows(preset: str, config: SparrowConfig, args, device: torch.device) -> tuple[list, bool]:
+    """The preset's shape as a transformers LlamaForCausalLM, one training step timed per variant, every
+    variant's first loss checked against the unpatched eager model's. On a CPU: that check only."""
+    try:
+        import transformers
+    except ImportError as exc:
+        print(f"transformers not importable ({exc}): no patched-vs-unpatched rows", flush=True)
+        return [], False
+    batch = args.batch_size or (2 if args.quick else DEFAULT_BATCH.get(preset, 4))
+    seq = min(args.seq_len or (128 if args.quick else 2048), config.max_position_embeddings)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1234)).to(device)
+    hf_config = transformers.LlamaConfig(**config.to_hf_dict())
+    atol, rtol = (tolerance(DTYPES[args.precision])[k] for k in ("atol", "rtol"))
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    steps = args.steps or (2 if args.quick else 10)
+    rows, errors, reference = [], False, None
+    for name, backend, compiled in TRANSFORMERS_VARIANTS:
+        row = {"kind": "train", "preset": preset, "variant": name, "backend": backend, "compile": compiled,
+               "precision": args.precision, "batch_size": batch, "seq_len": seq, "tokens_per_step": batch * seq}
+        if compiled and device.type != "cuda":
+            row.update(status="skipped", reason="compiled transformers variants are timed on a CUDA GPU only")
+            rows.append(row)
+            continue
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            torch.manual_seed(0)
+            model = transformers.LlamaForCausalLM(hf_config).to(device).train()
+            if backend is not None:
+                sparrow.patch(model, backend)
+            forward = torch.compile(model, backend=args.compile_backend) if compiled else model
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
+
+            def step():
+                with autocast(device, args.precision):
+                    loss = forward(ids, labels=ids, use_cache=False).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                return loss
+
+            start = time.perf_counter()
+            first_loss = call_recording_fallbacks(backend or "reference", step).item()
+            reference = first_loss if reference is None else reference
+            row.update(first_loss=round(first_loss, 5), reference_loss=round(reference, 5))
+            if not math.isclose(first_loss, reference, rel_tol=rtol, abs_tol=atol):
+                row.update(status="loss mismatch", reason=f"first loss {first_loss:.5f} vs unpatched {reference:.5f}")
+                errors = True
+            elif device.type != "cuda":
+                row.update(status="checked", reason="CPU: first loss checked against the unpatched model, not timed")
+            else:
+                for _ in range(max(0, warmup - 1)):
+                    step()
+                sync(device)
+                warmup_s = time.perf_counter() - start
+                times = time_steps(step, steps, device)
+                step_s = statistics.median(times)
+                row.update(status="ok", warmup_s=round(warmup_s, 2), step_ms=round(step_s * 1e3, 3),
+                           tokens_per_s=round(batch * seq / step_s, 1),
+                           peak_mem_mib=round(torch.cuda.max_memory_allocated(device) / 2**20, 1))
+            model = forward = optimizer = None
+        except torch.OutOfMemoryError as exc:
+            row.update(status="oom", reason=str(exc).splitlines()[0])
+        except Exception as exc:
+            row.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+            errors = True
+        free_memory(device)
+        rows.append(row)
+        detail = (f"{row['tokens_per_s']:11.0f} tok/s {row['peak_mem_mib']:9.0f} MiB" if "tokens_per_s" in row
+                  else f"{row['status']}: {row.get('reason', '')} (first loss {row.get('first_loss')})")
+        print(f"{preset:5s} {name:24s} {detail}", flush=True)
+    return rows, errors
+
+
 # ----------------------------------------------------------------------------------------------- report
 def print_tables(rows: list[dict]) -> None:
     print()
@@ -462,6 +549,10 @@ def main() -> int:
         new_rows, failed = train_rows(preset, config, args, device, variants, peak)
         rows += new_rows
         errors |= failed
+        if not args.no_transformers:
+            new_rows, failed = transformers_rows(preset, config, args, device)
+            rows += new_rows
+            errors |= failed
         if not args.no_generate:
             new_rows, failed = generation_rows(preset, config, args, device)
             rows += new_rows

@@ -1,6 +1,8 @@
-"""Export to a Hugging Face Llama folder that transformers loads without custom code:
+"""Export to a Hugging Face folder that transformers loads without custom code:
 
-    config.json, model.safetensors          (LlamaForCausalLM: Sparrow already uses its names and config fields)
+    config.json, model.safetensors          (in the model's own architecture: LlamaForCausalLM for Sparrow's
+                                             models, Qwen2/Qwen3/Mistral for checkpoints loaded from those;
+                                             Sparrow already uses their parameter names)
     tokenizer.json, tokenizer_config.json   (PreTrainedTokenizerFast, with the chat template)
     generation_config.json                  (stops on the end-of-turn token as well as <|endoftext|>)
 """
@@ -32,15 +34,17 @@ def export_hf(model: SparrowForCausalLM | str | os.PathLike, tokenizer_dir: str 
     if size > model.config.vocab_size:
         raise ValueError(f"tokenizer: {size} tokens but the model's vocab_size is {model.config.vocab_size}")
     out.mkdir(parents=True, exist_ok=True)
-    model.config.eos_token_id = token_ids.get(END_OF_TURN, token_ids.get(EOT))
-    model.config.pad_token_id = token_ids.get(EOT)
+    # A checkpoint that came from Hugging Face keeps its own ids when its tokenizer lacks Sparrow's tokens.
+    if END_OF_TURN in token_ids or EOT in token_ids:
+        model.config.eos_token_id = token_ids.get(END_OF_TURN, token_ids.get(EOT))
+        model.config.pad_token_id = token_ids.get(EOT)
     model.save_pretrained(out)
     shutil.copyfile(files["tokenizer.json"], out / "tokenizer.json")
     tok_config = json.loads(files["tokenizer_config.json"].read_text(encoding="utf-8"))
     if chat_template is not None:
         tok_config["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    stops = [token_ids[t] for t in (END_OF_TURN, EOT) if t in token_ids]
-    generation = {"eos_token_id": stops, "pad_token_id": token_ids.get(EOT), "do_sample": False}
+    stops = [token_ids[t] for t in (END_OF_TURN, EOT) if t in token_ids] or model.config.eos_token_id
+    generation = {"eos_token_id": stops, "pad_token_id": token_ids.get(EOT, model.config.pad_token_id), "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out

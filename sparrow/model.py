@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,8 +20,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
+from .hf.config import ROPE_KEYS, hf_config_from_sparrow, sparrow_fields_from_hf
+from .hf.patching import is_transformers_model, patch_transformers
+from .safetensors_io import CONFIG_NAME, WEIGHTS_NAME, load_config, load_state, save_weights  # noqa: F401
 
-from .safetensors_io import CONFIG_NAME, WEIGHTS_NAME, load_weights, save_weights  # noqa: F401
 # The label of positions that carry no loss (prompts, padding, a packed document's first token).
 IGNORE_INDEX = -100
 
@@ -43,6 +44,14 @@ class SparrowConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Llama-family variants (Hugging Face checkpoints; see sparrow.hf.config). head_dim None means
+    # hidden_size // num_attention_heads.
+    head_dim: int | None = None
+    qkv_bias: bool = False                  # bias on q/k/v projections (Qwen2; Llama/Qwen3 attention_bias)
+    o_bias: bool = False                    # bias on the output projection (Llama/Qwen3 attention_bias)
+    qk_norm: bool = False                   # per-head RMSNorm of q and k before RoPE (Qwen3)
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": linear|dynamic|llama3|yarn, ...} as transformers
+    model_type: str = "llama"               # the architecture export writes back (llama, mistral, qwen2, qwen3)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -51,26 +60,27 @@ class SparrowConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads ({self.num_attention_heads})")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads ({self.num_attention_heads})")
+        elif not isinstance(self.head_dim, int) or self.head_dim < 1:
+            raise ValueError(f"head_dim: must be a positive int or None, got {self.head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads: {self.num_key_value_heads} must divide num_attention_heads ({self.num_attention_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"hidden_size: head_dim {self.head_dim} must be even for rotary embeddings")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+            raise ValueError(f"head_dim: {self.head_dim} must be even for rotary embeddings")
+        rope_frequencies(self)  # refuses a rope_scaling it does not implement, by name
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, ignore_unknown: bool = False) -> "SparrowConfig":
+    def from_dict(cls, values: dict[str, Any]) -> "SparrowConfig":
         known = set(cls.field_names())
         unknown = sorted(set(values) - known)
-        if unknown and not ignore_unknown:
+        if unknown:
             raise ValueError(f"config: unknown keys {unknown}; valid keys are {sorted(known)}")
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -84,21 +94,19 @@ class SparrowConfig:
         return dataclasses.asdict(self)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config as Hugging Face's LlamaConfig reads it."""
-        return {
-            **self.to_dict(),
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "head_dim": self.head_dim,
-        }
+        """The config as transformers reads it, in this model's own architecture (``model_type``)."""
+        return hf_config_from_sparrow(self.to_dict())
+
+    @classmethod
+    def from_hf_dict(cls, values: dict[str, Any]) -> "SparrowConfig":
+        """From a Hugging Face config.json (llama, mistral, qwen2, qwen3); refuses math-changing fields it lacks."""
+        return cls(**sparrow_fields_from_hf(values))
 
     def num_parameters(self) -> int:
         h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
-        kv = self.num_key_value_heads * self.head_dim
-        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h
+        per_layer += (q + 2 * kv) * self.qkv_bias + h * self.o_bias + 2 * self.head_dim * self.qk_norm
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * per_layer + embeddings + h
 
@@ -173,16 +181,86 @@ class RMSNorm(nn.Module):
         return ops.fused_add_rms_norm(x, residual, self.weight.to(x.dtype), self.eps, backend=self.backend)
 
 
+def rope_frequencies(config: SparrowConfig) -> tuple[Tensor, float]:
+    """(inverse frequencies (head_dim // 2,) float64, attention factor scaling cos and sin), computed as
+    transformers' ``modeling_rope_utils`` does for each ``rope_scaling`` kind.
+
+    ``dynamic`` (NTK) rescales the base only for sequences longer than ``max_position_embeddings``, which Sparrow
+    refuses, so within Sparrow's range its frequencies are the default ones exactly.
+    """
+    dim, base = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = dict(config.rope_scaling or {})
+    kind = scaling.pop("rope_type", "default")
+    if kind not in ROPE_KEYS:
+        raise ValueError(f"rope_scaling.rope_type: {kind!r} is not implemented; use one of {sorted(ROPE_KEYS)}")
+    unknown = sorted(set(scaling) - ROPE_KEYS[kind])
+    if unknown:
+        raise ValueError(f"rope_scaling.{unknown[0]}: not a parameter of rope_type {kind!r} (those are {sorted(ROPE_KEYS[kind])})")
+
+    def number(name: str, default: float | None = None, *, minimum: float | None = None) -> float:
+        value = scaling.get(name, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or (minimum is not None and value < minimum):
+            raise ValueError(f"rope_scaling.{name}: expected a number{'' if minimum is None else f' >= {minimum}'} for rope_type {kind!r}, got {value!r}")
+        return float(value)
+
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / number("factor", minimum=1.0), 1.0
+    if kind == "dynamic":
+        number("factor", minimum=1.0)
+        return inv_freq, 1.0
+    if kind == "llama3":
+        factor, low, high = number("factor", minimum=1.0), number("low_freq_factor"), number("high_freq_factor")
+        old_len = number("original_max_position_embeddings", minimum=1)
+        if high <= low:
+            raise ValueError(f"rope_scaling.high_freq_factor: must exceed low_freq_factor ({low}), got {high}")
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        old_len = number("original_max_position_embeddings", minimum=1)
+        factor = scaling.get("factor")
+        factor = config.max_position_embeddings / old_len if factor is None else number("factor", minimum=1.0)
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # as transformers: avoid a zero-width ramp
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        return inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation, float(attention_factor)
+    raise AssertionError(kind)  # ROPE_KEYS lists exactly the kinds handled above
+
+
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables of shape (rotary_dim // 2,) per position, built once up to max_position_embeddings."""
+    """cos/sin tables of shape (rotary_dim // 2,) per position, built once up to max_position_embeddings
+    (scaled by the rope_scaling's attention factor, as transformers scales its cos and sin)."""
 
     def __init__(self, config: SparrowConfig):
         super().__init__()
-        half = config.head_dim // 2
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
+        inv_freq, attention_factor = rope_frequencies(config)
         angles = torch.outer(torch.arange(config.max_position_embeddings, dtype=torch.float64), inv_freq)
-        self.register_buffer("cos_cached", angles.cos().float(), persistent=False)
-        self.register_buffer("sin_cached", angles.sin().float(), persistent=False)
+        self.register_buffer("cos_cached", (angles.cos() * attention_factor).float(), persistent=False)
+        self.register_buffer("sin_cached", (angles.sin() * attention_factor).float(), persistent=False)
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return self.cos_cached[positions].to(dtype), self.sin_cached[positions].to(dtype)
@@ -195,10 +273,14 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
         self.backend: str | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None,
@@ -207,6 +289,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.apply_rope(q, k, cos, sin, backend=self.backend)
         if cache is not None:
             k_cache, v_cache, slots, new_lengths = cache
@@ -313,6 +397,8 @@ class SparrowForCausalLM(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     @property
     def backend(self) -> str | None:
@@ -372,14 +458,19 @@ class SparrowForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, backend: str | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "SparrowForCausalLM":
-        directory = Path(directory)
-        values, state = load_weights(directory)
-        config = SparrowConfig.from_dict(values, ignore_unknown=True)
+        """Load a folder written by :meth:`save_pretrained` or a Hugging Face checkpoint of the Llama family
+        (llama, mistral, qwen2, qwen3; single or sharded safetensors; see :mod:`sparrow.hf`)."""
+        config = SparrowConfig.from_hf_dict(load_config(directory))  # refuses what it cannot compute before any I/O
+        state = load_state(directory)
         model = cls(config, backend=backend)
+        # Older transformers versions saved the rotary inverse frequencies; Sparrow rebuilds them from the config.
+        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # tied: the embedding is the head
         missing, unexpected = model.load_state_dict(state, strict=False)
         allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
         if set(missing) - allowed_missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_NAME}: missing {sorted(set(missing) - allowed_missing)}, unexpected {sorted(unexpected)}")
+            raise ValueError(f"{directory}: weights missing {sorted(set(missing) - allowed_missing)}, unexpected {sorted(unexpected)}")
         return model.to(device=device, dtype=dtype)
 
 
@@ -390,12 +481,23 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
 
 
-def patch(model: nn.Module, backend: str | None) -> nn.Module:
+def patch(model: nn.Module, backend: str | None):
     """Swap the ops backend of every Sparrow module in ``model``, in place; ``None`` follows
-    :func:`sparrow.ops.use_backend` / ``$SPARROW_BACKEND``. Returns the model."""
+    :func:`sparrow.ops.use_backend` / ``$SPARROW_BACKEND``. Returns the model.
+
+    A transformers model of the Llama family (llama, mistral, qwen2, qwen3) gets Sparrow's norms, rotary and
+    attention swapped in instead (:func:`sparrow.hf.patching.patch_transformers`), and the return value is the
+    record of what was swapped, whose ``undo()`` restores the model."""
     if backend is not None and backend not in (*ops.BACKENDS, "auto"):
         raise ValueError(f"backend: must be one of {(*ops.BACKENDS, 'auto')} or None, got {backend!r}")
+    if is_transformers_model(model):
+        return patch_transformers(model, backend)
+    found = False
     for module in model.modules():
         if isinstance(module, (RMSNorm, Attention)):
             module.backend = backend
+            found = True
+    if not found:
+        raise ValueError(f"model: {type(model).__name__} holds no Sparrow modules and is not a transformers model "
+                         "of a supported architecture (llama, mistral, qwen2, qwen3)")
     return model

@@ -34,6 +34,10 @@ def test_quick_train_benchmark_writes_results_and_plot(tmp_path):
     # Every variant that ran started from the reference's weights and batch, so its first loss is the reference's.
     assert all(r["first_loss"] == pytest.approx(r["reference_loss"], rel=1e-3) for r in timed)
     assert all(r.get("reason") for r in data["rows"] if r["status"] == "skipped")
+    # The transformers model, patched by sparrow.patch, starts from the unpatched model's loss (CPU: checked only).
+    hf_rows = {r["variant"]: r for r in data["rows"] if r["variant"].startswith("hf ")}
+    assert hf_rows["hf patched auto"]["status"] == "checked"
+    assert hf_rows["hf patched auto"]["first_loss"] == pytest.approx(hf_rows["hf sdpa"]["first_loss"], rel=1e-4)
     png = tmp_path / "train.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

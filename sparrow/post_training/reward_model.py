@@ -34,7 +34,7 @@ class RewardModel(nn.Module):
         """A folder the Trainer wrote for a reward model (config.json, model.safetensors with ``score.weight``)."""
         directory = Path(directory)
         values, state = load_weights(directory, made_by="`sparrow rm`")
-        config = SparrowConfig.from_dict(values, ignore_unknown=True)
+        config = SparrowConfig.from_hf_dict(values)
         rm = cls(config, backend=backend)
         if "score.weight" not in state:
             raise ValueError(f"{directory}: not a reward model (no score.weight); train one with `sparrow rm`")

@@ -5,6 +5,7 @@
     sparrow data clean|tokenize      corpus cleaning and token files (sparrow.data, sparrow.tokenizer)
     sparrow pretrain                 pretraining (sparrow.train)
     sparrow sft|dpo|rm               fine-tuning stages; generate, chat, eval, export, demo (sparrow.align_cli)
+    sparrow serve|rag                OpenAI-compatible server, chat page; retrieval (sparrow.serving.cli)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ COMMAND_MODULES = (
     "sparrow.train.cli",
     "sparrow.bench_cli",
     "sparrow.align_cli",
+    "sparrow.serving.cli",
 )
 
 

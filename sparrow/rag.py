@@ -70,7 +70,8 @@ def chunk_text(text: str, chunk_chars: int = 400) -> list[str]:
         return [text] if text else []
     pieces, current = [], ""
     for sentence in split_sentences(text):
-        joined = f"{current} {sentence}" if current and not re.match(rf"[{_CJK}]", sentence) else current + sentence
+        # Sentences were split at their ends; Chinese ones ("。") join without a space, Latin ones with one.
+        joined = f"{current} {sentence}" if current and current[-1].isascii() else current + sentence
         if current and len(joined) > chunk_chars:
             pieces.append(current)
             current = sentence

@@ -14,7 +14,7 @@ QUESTIONS += [(f"{a} 加 {b} 等于多少？", f"{a + b}") for a in range(4) for
 QUESTIONS += [("Where does Bala Kou live?", "Dunmore"), ("王明住在哪里？", "青川城"), ("Say hello", "Hello world")]
 
 
-def trained_model(tmp_path_factory, context: int = 256) -> Path:
+def trained_model(tmp_path_factory, context: int = 512) -> Path:
     """Folder of a 2-layer model (context ``context``) trained for 30 steps; trained once per session."""
     key = f"ctx{context}"
     if key in _CACHE:

@@ -158,7 +158,7 @@ BAD = [
     ("max_tokens negative", {"model": "chat", "messages": ask("hi"), "max_tokens": -5}, 400, "max_tokens", "invalid_value"),
     ("max_tokens past the context", {"model": "chat", "messages": ask("hi"), "max_tokens": 100000}, 400, "max_tokens",
      "context_length_exceeded"),
-    ("prompt past the context", {"model": "chat", "messages": ask("What is 1 plus 1? " * 80)}, 400, "messages",
+    ("prompt past the context", {"model": "chat", "messages": ask("What is 1 plus 1? " * 200)}, 400, "messages",
      "context_length_exceeded"),
     ("unsupported penalty", {"model": "chat", "messages": ask("hi"), "frequency_penalty": 0.5}, 400,
      "frequency_penalty", "unsupported_parameter"),
@@ -168,7 +168,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("name,body,status,param,code", BAD, ids=[b[0] for b in BAD])
-def test_bad_chat_input_gets_status_and_openai_error(server, name, body, status, param, code):
+def test_bad_chat_input_gets_status_and_openai_error(server, loaded, name, body, status, param, code):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(server.url + "/v1/chat/completions", content=content,
                           headers={"Content-Type": "application/json"}, timeout=30)
@@ -177,16 +177,16 @@ def test_bad_chat_input_gets_status_and_openai_error(server, name, body, status,
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["code"] == code
     if code == "context_length_exceeded":
-        assert "256" in error["message"]  # the limit is stated
+        assert f"maximum context length is {loaded.context_length} tokens" in error["message"]  # the limit is stated
 
 
-def test_bad_input_through_the_openai_client_raises_its_errors(client, server):
+def test_bad_input_through_the_openai_client_raises_its_errors(client, server, loaded):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="nope", messages=ask("hi"))
     assert info.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="chat", prompt="hi", max_tokens=1000)
-    assert info.value.body["param"] == "max_tokens" and "256" in info.value.body["message"]
+        client.completions.create(model="chat", prompt="hi", max_tokens=loaded.context_length)
+    assert info.value.body["param"] == "max_tokens" and str(loaded.context_length) in info.value.body["message"]
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="chat", prompt="")
     response = httpx.get(server.url + "/v1/nowhere")
@@ -226,14 +226,14 @@ def _wait(condition, timeout=20.0):
 
 def test_client_disconnect_mid_stream_frees_its_row(endless):
     server, engine, requests = endless
-    body = {"model": "chat", "messages": ask("hi"), "stream": True, "max_tokens": 240, "temperature": 1.0}
+    body = {"model": "chat", "messages": ask("hi"), "stream": True, "max_tokens": 480, "temperature": 1.0}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
-    # The connection is closed after the first event: the request is cancelled well before its 240 tokens.
+    # The connection is closed after the first event: the request is cancelled well before its 480 tokens.
     assert _wait(lambda: requests and requests[0].done)
-    assert requests[0].finish_reason == "cancelled" and len(requests[0].tokens) < 240
+    assert requests[0].finish_reason == "cancelled" and len(requests[0].tokens) < 480
     assert _wait(lambda: engine.running == 0 and engine.tokens_in_flight == 0)
 
 
@@ -255,8 +255,8 @@ def test_full_queue_gets_429_and_closed_engine_503(endless, loaded):
 
 def test_tokens_in_flight_bound_holds_requests_back(loaded):
     prompt = loaded.chat_ids(ask("hi"))
-    cost = len(prompt) + 50
-    engine = Engine(dataclasses.replace(loaded, stop_ids=()), max_batch=4, max_tokens_in_flight=256)
+    cost = len(prompt) + 200
+    engine = Engine(dataclasses.replace(loaded, stop_ids=()), max_batch=4, max_tokens_in_flight=600)
     seen = []
     original = engine._admit
 
@@ -268,11 +268,11 @@ def test_tokens_in_flight_bound_holds_requests_back(loaded):
     engine._admit = admit
     engine.start()
     try:
-        requests = engine.generate([prompt] * 6, [SamplingParams(max_tokens=50, seed=i) for i in range(6)])
+        requests = engine.generate([prompt] * 5, [SamplingParams(max_tokens=200, seed=i) for i in range(5)])
     finally:
         engine.close()
     assert all(r.finish_reason == "length" for r in requests)
-    assert max(seen) <= 256 and max(seen) == (256 // cost) * cost  # never more than the bound lets in
+    assert max(seen) == (600 // cost) * cost == 2 * cost  # 2 of the 4 rows: the token bound, not the rows, binds
 
 
 def test_graceful_shutdown_finishes_or_cancels_in_flight_requests(loaded):

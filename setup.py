@@ -93,7 +93,7 @@ setup(
     # kernels/ sits at the top level beside csrc/ (sources by language) but installs as sparrow.kernels.
     packages=find_packages(include=["sparrow", "sparrow.*"]) + ["sparrow.kernels"],
     package_dir={"sparrow.kernels": "kernels"},
-    package_data={"sparrow": ["py.typed"]},
+    package_data={"sparrow": ["py.typed"], "sparrow.serving": ["static/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -5,6 +5,7 @@
     sparrow data clean|tokenize|builtin|...   corpus cleaning and token files      (cli/data.py)
     sparrow pretrain|sft|dpo|rm|pairs|demo    training stages and the demo         (cli/training.py)
     sparrow generate|chat|eval|export         using a trained model                (cli/inference.py)
+    sparrow serve|rag                         OpenAI-compatible server, chat page; retrieval (cli/serve.py)
     sparrow bench                             the benchmark runner                 (bench_cli.py)
 
 A command module parses arguments and calls the library; it computes nothing of its own.
@@ -23,6 +24,7 @@ COMMAND_MODULES = (
     "sparrow.cli.training",
     "sparrow.cli.inference",
     "sparrow.bench_cli",
+    "sparrow.cli.serve",
 )
 
 

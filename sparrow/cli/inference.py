@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("chat", help="interactive multi-turn chat, streamed")
     parser.add_argument("model")
     parser.add_argument("--system", default=None)
+    parser.add_argument("--rag", default=None, metavar="INDEX", help="put passages retrieved from INDEX (`sparrow rag "
+                        "index`) before each question")
     _add_sampling(parser)
     parser.set_defaults(func=run_chat, temperature=0.7, top_p=0.9)
 
@@ -89,6 +91,11 @@ def run_chat(args: argparse.Namespace) -> int:
 
     model, tok = load_model_and_tokenizer(args.model)
     config = _sampling(args, tok)
+    index = None
+    if args.rag:
+        from ..rag import RagIndex
+
+        index = RagIndex.load(args.rag)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: empty line or Ctrl-D to quit, /reset to start over")
     while True:
@@ -101,7 +108,7 @@ def run_chat(args: argparse.Namespace) -> int:
         if line == "/reset":
             messages = messages[:1] if args.system else []
             continue
-        messages.append({"role": "user", "content": line})
+        messages.append({"role": "user", "content": index.augment(line) if index is not None else line})
         prompt = encode_text(tok, render(messages, args.template, add_generation_prompt=True))
         if len(prompt) + config.max_new_tokens > model.config.max_position_embeddings:
             print("(context full: starting over)")

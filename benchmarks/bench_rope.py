@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import device_info, print_table, time_fwd_bwd, write_results  # noqa: E402
+from benchmarks.common import device_info, model_ms, print_table, time_fwd_bwd, write_results  # noqa: E402
 from sparrow import ops  # noqa: E402
 from sparrow.ops import reference  # noqa: E402
 from sparrow.testing import assert_close  # noqa: E402
@@ -76,7 +76,11 @@ def bench_one(name, fn, batch, seq, heads, dtype, device, peak, warmup, rep):
     ql, kl = q.detach().requires_grad_(), k.detach().requires_grad_()
     # The backward reads the output gradients and writes the input gradients: the forward's traffic again.
     moved = qk_bytes + table_bytes
-    return time_fwd_bwd(lambda: fn(q, k, cos, sin), lambda: fn(ql, kl, cos, sin), [ql, kl], moved, moved, peak, warmup, rep)
+    row = time_fwd_bwd(lambda: fn(q, k, cos, sin), lambda: fn(ql, kl, cos, sin), [ql, kl], moved, moved, peak, warmup,
+                       rep)
+    # The backward is the same rotation by the negated angle: the same model time.
+    predicted = model_ms("rope", tokens=batch * seq, heads=heads, kv_heads=KV_HEADS, head_dim=HEAD_DIM, elem=elem)
+    return dict(row, fwd_model_ms=predicted, bwd_model_ms=predicted)
 
 
 def main(argv=None) -> int:
@@ -115,7 +119,8 @@ def main(argv=None) -> int:
     path = write_results("rope", rows, meta, out=args.out,
                          plot={"x": "shape", "series": "impl", "y": ["fwd_gbs", "bwd_gbs"]})
     print(f"\nRoPE, {args.dtype}, {meta['device']} (peak {peak} GB/s)")
-    print_table(rows, ["impl", "tokens", "hidden", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_pct_peak", "bwd_pct_peak",
+    print_table(rows, ["impl", "tokens", "hidden", "fwd_ms", "fwd_model_ms", "bwd_ms", "bwd_model_ms", "fwd_bwd_ms",
+                       "fwd_pct_peak", "bwd_pct_peak",
                        "fwd_bwd_pct_peak", "peak_mem_mib", "error"])
     print(f"\nwrote {path}")
     return 0

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import device_info, peak_memory_mib, print_table, time_fn, write_results  # noqa: E402
+from benchmarks.common import device_info, model_ms, peak_memory_mib, print_table, time_fn, write_results  # noqa: E402
 from sparrow import ops  # noqa: E402
 from sparrow.ops import reference  # noqa: E402
 from sparrow.testing import max_error  # noqa: E402
@@ -104,6 +104,9 @@ def bench_one(name, fn, batch, seq, head_dim, causal, dtype, device, warmup, rep
     row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
     row["bwd_tflops"] = 2.5 * flops / row["bwd_ms"] / 1e9
     row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9
+    shape = dict(batch=batch, seq=seq, heads=heads, kv_heads=heads, head_dim=head_dim, causal=causal)
+    row["fwd_model_ms"] = model_ms("attention.fwd", **shape)
+    row["bwd_model_ms"] = model_ms("attention.bwd", **shape)
     row["fwd_peak_mib"] = peak_memory_mib(fwd)
     row["fwd_bwd_peak_mib"] = peak_memory_mib(fwd_bwd)
     return row
@@ -140,7 +143,7 @@ def main(argv=None) -> int:
                 flops="fwd 4*B*H*T^2*D (/2 causal), bwd 2.5x fwd")
     path = write_results("attention", rows, meta, out=args.out)
     print_table(rows, ["impl", "head_dim", "causal", "seqlen", "fwd_tflops", "bwd_tflops", "fwd_bwd_tflops",
-                       "fwd_bwd_peak_mib", "error"])
+                       "fwd_ms", "fwd_model_ms", "bwd_ms", "bwd_model_ms", "fwd_bwd_peak_mib", "error"])
     print(f"\nwrote {path}")
     return 0
 

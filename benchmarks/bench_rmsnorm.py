@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import bandwidth_parser, device_info, print_fwd_bwd, report_bandwidth  # noqa: E402
-from benchmarks.common import select_impls, time_fwd_bwd  # noqa: E402
+from benchmarks.common import model_ms, select_impls, time_fwd_bwd  # noqa: E402
 from sparrow import ops  # noqa: E402
 from sparrow.ops import reference  # noqa: E402
 from sparrow.testing import assert_close  # noqa: E402
@@ -79,7 +79,9 @@ def bench_one(op: str, name: str, fn, tokens: int, hidden: int, dtype, device: s
     moved = tokens * hidden * elem
     fwd_bytes = (4 if fused else 2) * moved
     bwd_bytes = (4 if fused else 3) * moved  # fused: dy, d(sum), x+r (saved) read; one dx written
-    return time_fwd_bwd(lambda: fn(*args), lambda: fn(*grad_args), leaves, fwd_bytes, bwd_bytes, peak, warmup, rep)
+    row = time_fwd_bwd(lambda: fn(*args), lambda: fn(*grad_args), leaves, fwd_bytes, bwd_bytes, peak, warmup, rep)
+    shape = dict(tokens=tokens, hidden=hidden, fused_add=fused, elem=elem)
+    return dict(row, fwd_model_ms=model_ms("rms_norm.fwd", **shape), bwd_model_ms=model_ms("rms_norm.bwd", **shape))
 
 
 def main(argv=None) -> int:
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
                 row.update(bench_one(op, name, fn, tokens, hidden, dtype, device, peak, warmup, rep))
                 rows.append(row)
                 print_fwd_bwd(f"{op} {name} {tokens}x{hidden}", row)
-    columns = ["op", "impl", "tokens", "hidden", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_pct_peak", "bwd_pct_peak",
+    columns = ["op", "impl", "tokens", "hidden", "fwd_ms", "fwd_model_ms", "bwd_ms", "bwd_model_ms", "fwd_bwd_ms", "fwd_pct_peak", "bwd_pct_peak",
                "fwd_bwd_pct_peak", "peak_mem_mib", "error"]
     report_bandwidth("rmsnorm", "RMSNorm", rows, meta, columns, out=args.out)
     return 0

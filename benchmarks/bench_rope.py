@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import bandwidth_parser, device_info, print_fwd_bwd, report_bandwidth  # noqa: E402
-from benchmarks.common import select_impls, time_fwd_bwd  # noqa: E402
+from benchmarks.common import model_ms, select_impls, time_fwd_bwd  # noqa: E402
 from sparrow import ops  # noqa: E402
 from sparrow.ops import reference  # noqa: E402
 from sparrow.testing import assert_close  # noqa: E402
@@ -76,7 +76,11 @@ def bench_one(name, fn, batch, seq, heads, dtype, device, peak, warmup, rep):
     ql, kl = q.detach().requires_grad_(), k.detach().requires_grad_()
     # The backward reads the output gradients and writes the input gradients: the forward's traffic again.
     moved = qk_bytes + table_bytes
-    return time_fwd_bwd(lambda: fn(q, k, cos, sin), lambda: fn(ql, kl, cos, sin), [ql, kl], moved, moved, peak, warmup, rep)
+    row = time_fwd_bwd(lambda: fn(q, k, cos, sin), lambda: fn(ql, kl, cos, sin), [ql, kl], moved, moved, peak, warmup,
+                       rep)
+    # The backward is the same rotation by the negated angle: the same model time.
+    predicted = model_ms("rope", tokens=batch * seq, heads=heads, kv_heads=KV_HEADS, head_dim=HEAD_DIM, elem=elem)
+    return dict(row, fwd_model_ms=predicted, bwd_model_ms=predicted)
 
 
 def main(argv=None) -> int:
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
             row.update(bench_one(name, fn, batch, seq, heads, dtype, device, peak, warmup, rep))
             rows.append(row)
             print_fwd_bwd(f"rope {name} {row['shape']}", row)
-    report_bandwidth("rope", "RoPE", rows, meta, ["impl", "tokens", "hidden", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
+    report_bandwidth("rope", "RoPE", rows, meta, ["impl", "tokens", "hidden", "fwd_ms", "fwd_model_ms", "bwd_ms", "bwd_model_ms", "fwd_bwd_ms",
                      "fwd_pct_peak", "bwd_pct_peak", "fwd_bwd_pct_peak", "peak_mem_mib", "error"], out=args.out)
     return 0
 

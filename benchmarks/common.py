@@ -97,6 +97,15 @@ def _driver_version() -> str | None:
         return None
 
 
+def model_ms(kernel: str, **shape) -> float | None:
+    """The performance model's time (``benchmarks/perf_model.py``: roofline at this GPU's peaks) for ``kernel`` at
+    ``shape``, printed beside the measured time so a first GPU run shows which kernel misses its model and by how
+    much; None off a GPU the model knows (H100 SXM, H200)."""
+    from benchmarks.perf_model import predict_ms
+
+    return predict_ms(kernel, torch.cuda.get_device_name() if torch.cuda.is_available() else None, **shape)
+
+
 def time_fn(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
     """Median milliseconds of ``fn()``. ``warmup`` and ``rep`` are time budgets in ms, as in
     ``triton.testing.do_bench`` (which is used on the GPU: CUDA events, L2 flushed between calls)."""

@@ -30,6 +30,8 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 96, 128, 256)
+# Query rows per program of the backward's delta = rowsum(dO * O) pass.
+PREPROCESS_BLOCK = 64
 
 
 def _interpreting() -> bool:
@@ -74,59 +76,122 @@ def _seqlen_bucket(n: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ configs
+# The autotuners try only tiles that compile clean for the GPU they run on: no register spills, shared memory within
+# the per-block limit, and on Hopper dots wgmma can take. ``benchmarks/static_check.py`` compiles every kept config
+# for sm_80 and sm_90 and fails CI if one breaks these rules; the rules themselves live here, in ``_tile_cost`` and
+# the budgets below.
+#
+# Register rule: each thread holds its share of the tiles live in the main loop, counted in fp32 values, which must
+# stay within a per-(kernel, arch) budget (the rest of the 255 registers hold addresses, masks and statistics):
+#   forward  acc (M x D) + scores (M x N)                                     -> M * (D + N) / threads
+#   dK/dV    dK, dV (N x D each; one of them per pass when split) + P^T, dP^T, dS^T and their 16-bit copies
+#                                                                             -> N * (2 * D + 4 * M) / threads
+#   dQ       dQ and the q/dO operands (M x D) + P, dP, dS and copies (M x N)  -> 2 * M * (D + 2 * N) / threads
+# The budgets come from ptxas reports over the full tile grid, head dims 64-256 (README "Static GPU check"): the
+# configs above them spilled. Hopper's wgmma keeps its accumulators denser than Ampere's mma.sync, hence dQ's.
+_FP32_PER_THREAD = {
+    ("fwd", 80): 56, ("fwd", 90): 96,
+    ("dkdv", 80): 80, ("dkdv", 90): 96,
+    ("dq", 80): 64, ("dq", 90): 160,
+}
+# Every config lets ptxas use the whole 255 registers a thread may have. Left alone, ptxas squeezes an 8-warp block
+# needing a little over 128 registers down to 128 (two blocks per SM) and spills instead; the autotuner, not that
+# heuristic, should decide between fewer resident warps and a smaller tile.
+_MAX_REGISTERS = 255
+# Largest dynamic shared memory one block may use (bytes), by compute capability.
+_SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# Forward tiles (BLOCK_M, BLOCK_N, warps); the narrow 8-warp ones are what the widest heads (and Ampere's smaller
+# register budget) fit. Three stages keep two K/V tiles in flight on both Ampere and Hopper.
+_FWD_TILES = ((64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8), (128, 32, 8), (64, 32, 8))
+_FWD_STAGES = 3
+# Backward tiles, shared by the dK/dV and dQ kernels (pruned apart): two stages, as each loop step already streams
+# two tiles (q and dO, or k and v) and the registers, not the latency, are the limit.
+_BWD_TILES = ((32, 64, 4), (32, 64, 8), (64, 64, 4), (64, 64, 8), (32, 128, 8), (64, 128, 8), (16, 64, 8),
+              (64, 32, 8))
+_BWD_STAGES = 2
+
+
+# From this head dim on, dK and dV are computed by two programs per key block instead of one: both fp32
+# accumulators (2 x 64 x 256 values) and the K/V tiles do not fit one thread block's registers without spilling.
+# Each pass recomputes P^T; the dV pass skips dP^T.
+SPLIT_DKDV_HEAD_DIM = 256
+
+
+def dkdv_passes(head_pow2: int) -> tuple[tuple[bool, bool], ...]:
+    """(DO_DK, DO_DV) of each launch of the dK/dV kernel."""
+    if head_pow2 >= SPLIT_DKDV_HEAD_DIM:
+        return ((True, False), (False, True))
+    return ((True, True),)
+
+
+def _target_arch(named_args: dict, kwargs: dict) -> int:
+    """The compute capability the kernel is compiled for (80, 90, ...): passed explicitly by the static check,
+    read from the current CUDA device at launch."""
+    if "arch" in kwargs:
+        return int(kwargs["arch"])
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def _tile_cost(kernel: str, arch: int, head_dim: int, bm: int, bn: int, warps: int, stages: int,
+               accumulators: int = 2) -> tuple[bool, float]:
+    """(whether the tile is possible at all on ``arch``, fp32 values live per thread): the one place the rules live."""
+    threads = 32 * warps
+    # Hopper's wgmma runs 64-row tiles per warpgroup; a smaller M falls back to the slower mma.sync path.
+    # The M dimension is the query block for the forward and dQ, the key block for dK/dV.
+    m_rows = bn if kernel == "dkdv" else bm
+    if kernel == "fwd":
+        live = bm * (head_dim + bn) / threads
+        smem = 2 * head_dim * (bm + 2 * stages * bn)  # Q once, K and V per stage, 2 bytes each
+    elif kernel == "dkdv":
+        live = bn * (accumulators * head_dim + 4 * bm) / threads
+        smem = 2 * head_dim * (2 * bn + 2 * stages * bm)  # K, V once, q and dO per stage
+    else:
+        live = 2 * bm * (head_dim + 2 * bn) / threads
+        smem = 2 * head_dim * (2 * bm + 2 * stages * bn)  # q, dO once, K and V per stage
+    possible = smem <= _SMEM_LIMIT[arch] and not (arch >= 90 and m_rows < 64)
+    return possible, live
+
+
 def _fwd_configs():
     if _interpreting():
         # Small blocks, so the CPU tests at tiny lengths (e.g. 33) still cross block boundaries and the diagonal;
         # not smaller, as the interpreter's cost is per block iteration.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    configs = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return configs
-
-
-def _prune_fwd(configs, named_args, **kwargs):
-    head_dim = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 64))
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        # Shared memory holds Q (bm x d) plus num_stages copies of K and V (bn x d each); at d=256 only
-        # small tiles fit Ampere/Hopper's 164-228 KB.
-        if head_dim >= 256 and (bm > 64 or bn > 32 or c.num_stages > 2):
-            continue
-        if head_dim >= 128 and bm == 128 and bn == 128 and c.num_stages > 2:
-            continue
-        if bm == 128 and c.num_warps == 4 and head_dim >= 128:
-            continue
-        kept.append(c)
-    return kept or configs[:1]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=_FWD_STAGES,
+                          maxnreg=_MAX_REGISTERS) for bm, bn, w in _FWD_TILES]
 
 
 def _bwd_configs():
     if _interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    configs = []
-    for bm, bn in ((32, 64), (64, 64), (32, 128), (64, 128), (128, 128), (16, 64)):
-        for warps in (4, 8):
-            for stages in (1, 2, 3):
-                configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return configs
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=_BWD_STAGES,
+                          maxnreg=_MAX_REGISTERS) for bm, bn, w in _BWD_TILES]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    head_dim = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 64))
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if head_dim >= 256 and (bm > 32 or bn > 64 or c.num_stages > 1):
-            continue
-        if head_dim >= 128 and bm * bn > 64 * 128:
-            continue
-        kept.append(c)
-    return kept or configs[:1]
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+        arch = 90 if _target_arch(named_args, kwargs) >= 90 else 80
+        accumulators = int(kwargs.get("DO_DK", True)) + int(kwargs.get("DO_DV", True))
+        costs = [(c, *_tile_cost(kernel, arch, head_dim, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                 c.num_stages, accumulators)) for c in configs]
+        kept = [c for c, possible, live in costs if possible and live <= _FP32_PER_THREAD[(kernel, arch)]]
+        if not kept:
+            # The widest heads: the possible tile with the smallest live set (the static check says if it spills).
+            possible = [(live, i) for i, (c, ok, live) in enumerate(costs) if ok]
+            if not possible:
+                raise ValueError(f"no {kernel} attention tile fits head_dim={head_dim} on sm_{arch}")
+            kept = [costs[min(possible)[1]][0]]
+        return kept
+
+    prune.__name__ = f"_prune_{kernel}"
+    return prune
+
+
+_prune_fwd = _pruner("fwd")
+_prune_dkdv = _pruner("dkdv")
+_prune_dq = _pruner("dq")
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -282,6 +347,7 @@ def _attn_bwd_dkdv_kernel(
     HKV, GROUP, seqlen_q, seqlen_k, sm_scale, qk_scale, TUNE_KEY,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DO_DK: tl.constexpr = True, DO_DV: tl.constexpr = True,
 ):
     start_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -324,16 +390,20 @@ def _attn_bwd_dkdv_kernel(
             if CAUSAL:
                 pT = tl.where(offs_m[None, :] + diag >= offs_n[:, None], pT, 0.0)
             do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
-            dv = _dot_acc(_to16(pT, do.dtype), do, dv)
-            delta = tl.load(d_base + offs_m, mask=m_ok, other=0.0)
-            dpT = _dot(v, tl.trans(do))
-            dsT = pT * (dpT - delta[None, :])
-            dk = _dot_acc(_to16(dsT, q.dtype), q, dk)
-    dk = dk * sm_scale
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + rows_n * stride_dkt + offs_d[None, :],
-             _to16(dk, DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh + rows_n * stride_dvt + offs_d[None, :],
-             _to16(dv, DV.dtype.element_ty), mask=kv_mask)
+            if DO_DV:
+                dv = _dot_acc(_to16(pT, do.dtype), do, dv)
+            if DO_DK:
+                delta = tl.load(d_base + offs_m, mask=m_ok, other=0.0)
+                dpT = _dot(v, tl.trans(do))
+                dsT = pT * (dpT - delta[None, :])
+                dk = _dot_acc(_to16(dsT, q.dtype), q, dk)
+    if DO_DK:
+        dk = dk * sm_scale
+        tl.store(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + rows_n * stride_dkt + offs_d[None, :],
+                 _to16(dk, DK.dtype.element_ty), mask=kv_mask)
+    if DO_DV:
+        tl.store(DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh + rows_n * stride_dvt + offs_d[None, :],
+                 _to16(dv, DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -396,12 +466,12 @@ def _attn_bwd_dq_kernel(
 
 
 _bwd_dkdv_tuned = triton.autotune(
-    configs=_bwd_configs(), key=["HEAD_DIM", "CAUSAL", "VARLEN", "TUNE_KEY", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune_bwd},
+    configs=_bwd_configs(), key=["HEAD_DIM", "CAUSAL", "VARLEN", "TUNE_KEY", "GROUP", "DO_DK", "DO_DV"],
+    prune_configs_by={"early_config_prune": _prune_dkdv},
 )(_attn_bwd_dkdv_kernel)
 _bwd_dq_tuned = triton.autotune(
     configs=_bwd_configs(), key=["HEAD_DIM", "CAUSAL", "VARLEN", "TUNE_KEY", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune_bwd},
+    prune_configs_by={"early_config_prune": _prune_dq},
 )(_attn_bwd_dq_kernel)
 
 
@@ -466,7 +536,7 @@ def attention_bwd(do, q, k, v, out, lse, causal: bool, scale: float, cu_seqlens=
     delta = torch.empty_like(lse)
     cu = cu_seqlens if varlen else lse
     lse_strides = _lse_strides(lse, varlen)
-    pre_block = 64
+    pre_block = PREPROCESS_BLOCK
     _bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), batch * heads)](
         out, do, delta, cu, *_as_batched(out, varlen), *_as_batched(do, varlen), *lse_strides,
         heads, seqlen_q, VARLEN=varlen, D=head_dim, HEAD_DIM=head_pow2, BLOCK_M=pre_block,
@@ -475,11 +545,12 @@ def attention_bwd(do, q, k, v, out, lse, causal: bool, scale: float, cu_seqlens=
     common = dict(VARLEN=varlen, CAUSAL=causal, D=head_dim, HEAD_DIM=head_pow2)
     strides_in = (*_as_batched(q, varlen), *_as_batched(k, varlen), *_as_batched(v, varlen), *_as_batched(do, varlen))
     bucket = _seqlen_bucket(max(seqlen_q, seqlen_k))
-    _bwd_dkdv_tuned[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, cu,
-        *strides_in, *_as_batched(dk, varlen), *_as_batched(dv, varlen), *lse_strides,
-        kv_heads, group, seqlen_q, seqlen_k, scale, scale * LOG2E, bucket, **common,
-    )
+    for do_dk, do_dv in dkdv_passes(head_pow2):
+        _bwd_dkdv_tuned[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)](
+            q, k, v, do, lse, delta, dk, dv, cu,
+            *strides_in, *_as_batched(dk, varlen), *_as_batched(dv, varlen), *lse_strides,
+            kv_heads, group, seqlen_q, seqlen_k, scale, scale * LOG2E, bucket, DO_DK=do_dk, DO_DV=do_dv, **common,
+        )
     _bwd_dq_tuned[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](
         q, k, v, do, lse, delta, dq, cu,
         *strides_in, *_as_batched(dq, varlen), *lse_strides,

@@ -103,6 +103,15 @@ def _decode_merge_kernel(
     tl.store(OUT + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, _to16(out, OUT.dtype.element_ty), mask=offs_d < D)
 
 
+def split_launch(head_dim: int, group: int, *, interpreting: bool) -> dict:
+    """Tile and launch options of the split kernel: the GQA group padded to the 16-row MMA minimum, and a key block
+    of 4096 / head_dim keys per step (64 at head dim 64, 16 at 256; 16 under the interpreter, which pays per
+    step): the fp32 copy of V for the exact P @ V must fit the registers (the static check found 64 keys spilling
+    at head dims 96-256). Also what the static check compiles."""
+    block_n = 16 if interpreting else max(16, min(64, 4096 // max(triton.next_power_of_2(head_dim), 16)))
+    return dict(BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n, num_warps=4, num_stages=3)
+
+
 def _num_splits(batch_kv_heads: int, max_len: int, device: torch.device) -> int:
     """Enough chunks to give every SM a couple of programs, but chunks of at least 256 keys."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -125,7 +134,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale: float):
     o_part = torch.empty((batch, heads, splits, head_dim), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
     q2 = q[:, 0]
-    block_n = 16 if _interpreting() else 64
+    launch = split_launch(head_dim, group, interpreting=_interpreting())
     _decode_split_kernel[(batch * kv_heads, splits)](
         q2, k_cache, v_cache, cache_seqlens, o_part, lse_part,
         q2.stride(0), q2.stride(1),
@@ -134,8 +143,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale: float):
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1),
         kv_heads, group, chunk, scale * LOG2E,
-        D=head_dim, HEAD_DIM=head_pow2, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
-        num_warps=4,
+        D=head_dim, HEAD_DIM=head_pow2, **launch,
     )
     out = torch.empty_like(q)
     o2 = out[:, 0]

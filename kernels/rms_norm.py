@@ -156,6 +156,29 @@ def _rms_norm_bwd_kernel(
                 tl.store(dwp_row + cols, part + dy * x * rstd, mask=mask)
 
 
+def fwd_launch(n: int, rows: int, *, max_fused: int = MAX_FUSED_FWD) -> dict:
+    """Tile and warps of the forward for rows of ``n`` elements (also what the static check compiles)."""
+    block = triton.next_power_of_2(n)
+    one_pass = block <= max_fused
+    if not one_pass:
+        block = min(LOOP_BLOCK, max_fused)
+    # Short rows share a program, up to ~4K elements per tile; long rows get one each.
+    block_m = 1
+    if one_pass:
+        cap = max(1, 4096 // block)
+        block_m = min(triton.next_power_of_2(rows), 1 << (cap.bit_length() - 1))
+    return dict(BLOCK_M=block_m, BLOCK=block, ONE_PASS=one_pass, num_warps=_num_warps(block_m * block))
+
+
+def bwd_launch(n: int, *, max_fused: int = MAX_FUSED_BWD) -> dict:
+    """Tile and warps of the backward for rows of ``n`` elements (also what the static check compiles)."""
+    block = triton.next_power_of_2(n)
+    one_pass = block <= max_fused
+    if not one_pass:
+        block = min(LOOP_BLOCK, max_fused)
+    return dict(BLOCK=block, ONE_PASS=one_pass, num_warps=_num_warps(block))
+
+
 def rms_norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -171,23 +194,13 @@ def rms_norm_fwd(
     rstd = torch.empty((rows,), device=x.device, dtype=torch.float32)
     if rows == 0:
         return y, summed, rstd
-    block = triton.next_power_of_2(n)
-    one_pass = block <= max_fused
-    if not one_pass:
-        block = min(LOOP_BLOCK, max_fused)
-    # Short rows share a program, up to ~4K elements per tile; long rows get one each.
-    block_m = 1
-    if one_pass:
-        cap = max(1, 4096 // block)
-        block_m = min(triton.next_power_of_2(rows), 1 << (cap.bit_length() - 1))
+    lp = fwd_launch(n, rows, max_fused=max_fused)
     r = residual if residual is not None else x
     s = summed if summed is not None else y
-    _rms_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+    _rms_norm_fwd_kernel[(triton.cdiv(rows, lp["BLOCK_M"]),)](
         x, r, weight, y, s, rstd,
         x.stride(0), r.stride(0), y.stride(0), s.stride(0),
-        rows, n, eps,
-        BLOCK_M=block_m, BLOCK=block, ONE_PASS=one_pass, HAS_RES=residual is not None,
-        num_warps=_num_warps(block_m * block),
+        rows, n, eps, HAS_RES=residual is not None, **lp,
     )
     return y, summed, rstd
 
@@ -207,10 +220,8 @@ def rms_norm_bwd(
     dx = torch.empty((rows, n), device=x.device, dtype=x.dtype)
     if rows == 0:
         return dx, torch.zeros_like(weight)
-    block = triton.next_power_of_2(n)
-    one_pass = block <= max_fused
-    if not one_pass:
-        block = min(LOOP_BLOCK, max_fused)
+    lp = bwd_launch(n, max_fused=max_fused)
+    one_pass = lp["ONE_PASS"]
     programs = _num_programs(x.device, rows)
     rows_per_program = triton.cdiv(rows, programs)
     programs = triton.cdiv(rows, rows_per_program)
@@ -220,7 +231,6 @@ def rms_norm_bwd(
     _rms_norm_bwd_kernel[(programs,)](
         grad_y, x, weight, rstd, dx, ds, partial,
         grad_y.stride(0), x.stride(0), dx.stride(0), ds.stride(0),
-        rows, n, rows_per_program,
-        BLOCK=block, ONE_PASS=one_pass, HAS_DS=grad_sum is not None, num_warps=_num_warps(block),
+        rows, n, rows_per_program, HAS_DS=grad_sum is not None, **lp,
     )
     return dx, partial.sum(0).to(weight.dtype)

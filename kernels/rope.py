@@ -76,6 +76,20 @@ def _cos_strides(cos: torch.Tensor) -> tuple[int, int, int]:
     return cos.stride(0), cos.stride(1), cos.stride(2)
 
 
+def rope_launch(hq: int, hk: int, half: int, d: int, tokens: int, in_place: bool) -> dict:
+    """Tile sizes and warps for a launch (also what the static check compiles)."""
+    block_half = triton.next_power_of_2(half)
+    block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
+    # Enough tokens per program for ~4K elements per tile: small-head models would otherwise leave most lanes
+    # idle (and the interpreter pays per program).
+    per_token = (block_hq + block_hk) * block_half
+    cap = max(1, 4096 // per_token)
+    block_t = min(triton.next_power_of_2(tokens), 1 << (cap.bit_length() - 1))  # a power of two
+    return dict(BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
+                BLOCK_REST=triton.next_power_of_2(max(d - 2 * half, 1)), COPY_REST=2 * half < d and not in_place,
+                num_warps=8 if block_t * per_token >= 4096 else 4)
+
+
 def rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -100,24 +114,13 @@ def rope(
     tokens = batch * seq
     if tokens == 0:
         return q_out, k_out
-    copy_rest = 2 * half < d and not in_place
-    block_half = triton.next_power_of_2(half)
-    block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
-    # Enough tokens per program for ~4K elements per tile: small-head models would otherwise leave most lanes
-    # idle (and the interpreter pays per program).
-    per_token = (block_hq + block_hk) * block_half
-    cap = max(1, 4096 // per_token)
-    block_t = min(triton.next_power_of_2(tokens), 1 << (cap.bit_length() - 1))  # a power of two
-    _rope_kernel[(triton.cdiv(tokens, block_t),)](
+    lp = rope_launch(hq, hk, half, d, tokens, in_place)
+    _rope_kernel[(triton.cdiv(tokens, lp["BLOCK_T"]),)](
         q, k, cos, sin, q_out, k_out,
         seq, tokens,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
         *_cos_strides(cos),
-        hq, hk, half, d,
-        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
-        BLOCK_REST=triton.next_power_of_2(max(d - 2 * half, 1)),
-        COPY_REST=copy_rest, BACKWARD=backward,
-        num_warps=8 if block_t * per_token >= 4096 else 4,
+        hq, hk, half, d, BACKWARD=backward, **lp,
     )
     return q_out, k_out

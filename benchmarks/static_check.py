@@ -315,11 +315,20 @@ def _compile_triton(job: Job) -> dict:
     knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(log):
-        options = dict(num_warps=job.num_warps, num_stages=job.num_stages)
-        if job.maxnreg:
-            options["maxnreg"] = job.maxnreg
-        compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=options)
+    options = dict(num_warps=job.num_warps, num_stages=job.num_stages)
+    if job.maxnreg:
+        options["maxnreg"] = job.maxnreg
+    # A hit in Triton's own cache would skip ptxas and so its report: every compile gets an empty cache.
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="sparrow-static-") as fresh, contextlib.redirect_stdout(log):
+        os.environ["TRITON_CACHE_DIR"] = fresh
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=options)
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved
     seconds = time.perf_counter() - t0
     stats = parse_ptxas(log.getvalue())
     if len(stats) != 1:
@@ -330,10 +339,8 @@ def _compile_triton(job: Job) -> dict:
                 tensor_core=tensor_core_kind(ptx), compile_s=round(seconds, 2))
 
 
-def _worker_init(cache_dir: str) -> None:
+def _worker_init() -> None:
     os.environ["TRITON_INTERPRET"] = "0"
-    # A fresh Triton cache per worker: a hit in Triton's own cache would skip ptxas and so its report.
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparrow-static-", dir=cache_dir)
 
 
 def _run_job(job: Job) -> dict:
@@ -522,7 +529,7 @@ def run(jobs: list[Job], *, workers: int = 2, cuda: bool = True, archs=ARCHS, us
     scratch = tempfile.mkdtemp(prefix="triton-", dir=CACHE)
     try:
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(scratch,)) as pool:
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
             # CUDA files first (each is one long nvcc), then the Triton jobs, slowest kernels first.
             cuda_futs = {pool.submit(_run_cuda, (str(cu), tuple(archs), scratch)): (cu, path) for cu, path in cuda_todo}
             order = sorted(todo, key=lambda ip: not jobs[ip[0]].attention_loop)

@@ -7,11 +7,10 @@ kernel (explicit requests fall back to the reference with a warning, "auto" pick
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from .custom_ops import default_scale, register_attention_autograd
 from .registry import register, set_auto_order
 
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -35,23 +34,16 @@ if _has_op("attention_fwd") and _has_op("attention_bwd"):
     def _attention_bwd_fake(grad_out, q, k, v, out, lse, causal, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    def _setup(ctx, inputs, output) -> None:
-        q, k, v, causal, scale = inputs
-        ctx.save_for_backward(q, k, v, output[0], output[1])
-        ctx.causal, ctx.scale = causal, scale
-
-    def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        # The kernels read 16-byte vectors: incoming gradients can be expanded or transposed views.
-        if not _vector_friendly(grad_out):
-            grad_out = grad_out.clone(memory_format=torch.contiguous_format)
-        dq, dk, dv = torch.ops.sparrow_C.attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
-
-    torch.library.register_autograd("sparrow_C::attention_fwd", _backward, setup_context=_setup)
-
     def _vector_friendly(t: Tensor) -> bool:
         return t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+
+    def _vectors(t: Tensor) -> Tensor:
+        """The kernels move 16-byte vectors; a layout that does not allow them (odd strides, expanded or
+        transposed gradients, or a contiguous view at an unaligned offset, which .contiguous() would return
+        as is) is copied into fresh memory once."""
+        return t if _vector_friendly(t) else t.clone(memory_format=torch.contiguous_format)
+
+    register_attention_autograd("sparrow_C::attention_fwd", torch.ops.sparrow_C.attention_bwd, prepare_grad=_vectors)
 
     def _check_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> None:
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -63,11 +55,8 @@ if _has_op("attention_fwd") and _has_op("attention_bwd"):
             raise ValueError(f"q: head_dim {q.shape[-1]} not supported by the cuda attention kernels {_HEAD_DIMS}")
 
     def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> Tensor:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        # The kernels move 16-byte vectors; a layout that does not allow them (odd strides, or a contiguous view
-        # at an unaligned offset, which .contiguous() would return as is) is copied into fresh memory once.
-        q, k, v = (t if _vector_friendly(t) else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
-        return torch.ops.sparrow_C.attention_fwd(q, k, v, bool(causal), scale)[0]
+        q, k, v = (_vectors(t) for t in (q, k, v))
+        return torch.ops.sparrow_C.attention_fwd(q, k, v, bool(causal), default_scale(q, scale))[0]
 
     register("attention", "cuda", attention, _check_attention)
 

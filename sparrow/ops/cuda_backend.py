@@ -12,6 +12,7 @@ from torch import Tensor
 
 from sparrow import _C  # noqa: F401  (importing it registers torch.ops.sparrow_C)
 
+from .custom_ops import register_rope_autograd
 from .registry import register
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -129,24 +130,7 @@ def _rope_inplace_fake(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward:
     return None
 
 
-def _rope_setup_context(ctx, inputs, output) -> None:
-    _, _, cos, sin, backward = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.backward = backward
-
-
-def _unit_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _rope_backward(ctx, grad_q: Tensor, grad_k: Tensor):
-    cos, sin = ctx.saved_tensors
-    # The gradient of a rotation is the rotation by the negated angle.
-    grad_q, grad_k = torch.ops.sparrow_C.rope(_unit_stride(grad_q), _unit_stride(grad_k), cos, sin, not ctx.backward)
-    return grad_q, grad_k, None, None, None
-
-
-torch.library.register_autograd("sparrow_C::rope", _rope_backward, setup_context=_rope_setup_context)
+register_rope_autograd("sparrow_C::rope", torch.ops.sparrow_C.rope)
 
 _ROPE_DEVICES = _native_devices("rope")
 
@@ -176,5 +160,3 @@ def apply_rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor,
 
 
 register("apply_rope", "cuda", apply_rope, _check_rope)
-
-from . import cuda_attention  # noqa: E402,F401

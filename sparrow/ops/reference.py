@@ -13,6 +13,11 @@ import torch
 from torch import Tensor
 
 
+def default_scale(q: Tensor, scale: float | None) -> float:
+    """The attention softmax scale of every backend: ``head_dim ** -0.5`` unless given."""
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
 def _acc(t: Tensor) -> Tensor:
     """At least float32: low-precision inputs are upcast, float64 stays float64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -62,16 +67,8 @@ def causal_mask(tq: int, tk: int, device: torch.device) -> Tensor:
     return k_pos <= q_pos
 
 
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    causal: bool = True,
-    scale: float | None = None,
-    *,
-    key_padding_mask: Tensor | None = None,
-    upcast: bool = True,
-) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None, *,
+              key_padding_mask: Tensor | None = None, upcast: bool = True) -> Tensor:
     """softmax(QK^T * scale + mask) V with GQA.
 
     q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with Hkv dividing H and Tq <= Tk when causal.
@@ -80,7 +77,7 @@ def attention(
     """
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scale = default_scale(q, scale)
     dtype = q.dtype
     if upcast:
         q, k, v = _acc(q), _acc(k), _acc(v)
@@ -103,17 +100,8 @@ def attention(
     return out.to(dtype)
 
 
-def attention_varlen(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    causal: bool = True,
-    scale: float | None = None,
-    *,
-    upcast: bool = True,
-) -> Tensor:
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool = True,
+                     scale: float | None = None, *, upcast: bool = True) -> Tensor:
     """Attention over packed documents: q, k, v are (tokens, heads, head_dim), document i spans
     ``cu_seqlens[i]:cu_seqlens[i+1]``, and no token attends outside its own document.
 
@@ -148,7 +136,7 @@ def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     """
     b, tq, h, d = q.shape
     tk = k_cache.shape[1]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scale = default_scale(q, scale)
     dtype = q.dtype
     if upcast:
         q, k_cache, v_cache = _acc(q), _acc(k_cache), _acc(v_cache)

@@ -21,11 +21,12 @@ import torch
 BACKENDS = ("reference", "triton", "cuda")
 _CHOICES = (*BACKENDS, "auto")
 
-# Modules whose import registers a backend's kernels.
+# Modules whose import registers a backend's kernels, imported in order (attention after the module that
+# loads the backend's extension).
 _BACKEND_MODULES = {
-    "reference": "sparrow.ops.reference_backend",
-    "triton": "sparrow.ops.triton_backend",
-    "cuda": "sparrow.ops.cuda_backend",
+    "reference": ("sparrow.ops.reference_backend",),
+    "triton": ("sparrow.ops.triton_backend", "sparrow.ops.triton_attention"),
+    "cuda": ("sparrow.ops.cuda_backend", "sparrow.ops.cuda_attention"),
 }
 
 # "auto" on a CUDA tensor tries these in order; an op may override its order once its kernels are measured.
@@ -73,7 +74,8 @@ def _load(backend: str) -> bool:
     if backend in _load_errors:
         return False
     try:
-        importlib.import_module(_BACKEND_MODULES[backend])
+        for module in _BACKEND_MODULES[backend]:
+            importlib.import_module(module)
     except Exception as exc:  # ImportError, or triton failing to find a driver: both mean "not here"
         _load_errors[backend] = f"{type(exc).__name__}: {exc}"
         return False

@@ -8,26 +8,19 @@ without storing it; the backward ops are custom ops too, so ``torch.compile`` se
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from sparrow.kernels import attention as _attn
 from sparrow.kernels import decode as _decode
 
+from .custom_ops import check_triton_device as check_device
+from .custom_ops import default_scale as _scale
+from .custom_ops import register_attention_autograd
+from .custom_ops import unit_stride as _unit_stride
 from .registry import register
-from .triton_backend import check_device
 
 _DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _scale(q: Tensor, scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-
-
-def _unit_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ------------------------------------------------------------------------------------------------- dense
@@ -52,19 +45,7 @@ def _(do, q, k, v, out, lse, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _fwd_setup(ctx, inputs, output) -> None:
-    q, k, v, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1])
-    ctx.causal, ctx.scale = causal, scale
-
-
-def _fwd_backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd(_unit_stride(grad_out), q, k, v, out, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
-
-
-_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+register_attention_autograd("sparrow::triton_attention_fwd", _bwd)
 
 
 # ------------------------------------------------------------------------------------------------ varlen

@@ -1,40 +1,24 @@
-"""The "triton" backend: Triton kernels from ``sparrow.kernels`` (the top-level kernels/ directory).
+"""The "triton" backend's norm and rotary kernels (kernels/rms_norm.py, kernels/rope.py) as torch.library
+custom ops (so torch.compile treats each launch as one opaque node with a fake implementation) with autograd,
+registered as this backend's kernels; its attention lives in :mod:`.triton_attention`.
 
 Triton needs a GPU, or ``TRITON_INTERPRET=1`` to run its kernels on the CPU (slowly: that mode is for tests).
-Kernels register here as they land; an op this backend lacks falls back to the reference with a warning.
+A missing Triton makes the import fail, which the registry records as "backend unavailable", not an error.
+An op this backend lacks falls back to the reference with a warning.
 """
 
 from __future__ import annotations
 
-import triton  # noqa: F401  (a missing Triton makes this backend unavailable, not an error)
+import torch
+from torch import Tensor
 
-import sparrow.kernels  # noqa: F401
+from sparrow.kernels import rms_norm as _rms
+from sparrow.kernels import rope as _rope
 
-import os
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def check_device(name: str, t) -> None:
-    """Triton kernels need CUDA tensors, or CPU tensors under the interpreter."""
-    if t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()):
-        return
-    raise ValueError(f"{name}: the triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU), got {t.device}")
-
-
-# Everything below registers the kernels of sparrow.kernels as torch.library custom ops (so torch.compile
-# treats each launch as one opaque node with a fake implementation) with autograd, and as this backend's
-# kernels in the ops registry.
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from sparrow.kernels import rms_norm as _rms  # noqa: E402
-from sparrow.kernels import rope as _rope  # noqa: E402
-
-from .registry import register  # noqa: E402
+from .custom_ops import check_triton_device as check_device
+from .custom_ops import register_rope_autograd
+from .custom_ops import unit_stride as _unit_stride
+from .registry import register
 
 
 def _check_last_dim_contiguous(name: str, t: Tensor) -> None:
@@ -75,11 +59,6 @@ def _rms_norm_bwd(
 @_rms_norm_bwd.register_fake
 def _(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, grad_sum: Tensor | None) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape), torch.empty_like(weight)
-
-
-def _unit_stride(t: Tensor | None) -> Tensor | None:
-    """Incoming gradients can have any layout (expanded zeros, transposes); the kernels need unit stride."""
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 def _rms_norm_setup(ctx, inputs, output) -> None:
@@ -154,19 +133,7 @@ def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> tuple[T
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-def _rope_setup(ctx, inputs, output) -> None:
-    _, _, cos, sin, backward = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.backward = backward
-
-
-def _rope_backward(ctx, grad_q: Tensor, grad_k: Tensor):
-    cos, sin = ctx.saved_tensors
-    grad_q, grad_k = _rope_op(_unit_stride(grad_q), _unit_stride(grad_k), cos, sin, not ctx.backward)
-    return grad_q, grad_k, None, None, None
-
-
-_rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
+register_rope_autograd("sparrow::triton_rope", _rope_op)
 
 
 @torch.library.custom_op("sparrow::triton_rope_", mutates_args=("q", "k"))
@@ -198,5 +165,3 @@ def apply_rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor,
 
 
 register("apply_rope", "triton", apply_rope, _check_rope)
-
-from . import triton_attention  # noqa: E402,F401

@@ -151,3 +151,26 @@ def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     vg = v_cache.permute(0, 2, 1, 3).unsqueeze(2)
     out = torch.matmul(probs.to(vg.dtype), vg)
     return out.permute(0, 3, 1, 2, 4).reshape(b, tq, h, v_cache.shape[-1]).to(dtype)
+
+
+def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+    """The routed SwiGLU experts of a mixture-of-experts MLP, as a loop over experts.
+
+    x (T, H); ``topk_ids`` (T, k) the experts each token goes to, ``topk_weights`` (T, k) their mixing weights;
+    ``w_gate_up`` (E, 2I, H) each expert's gate then up projection, ``w_down`` (E, H, I). Token t's output is
+    ``sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with ``e = topk_ids[t, j]``.
+
+    Every expert runs on every token and is masked by its weight (zero where the token did not pick it): E times
+    the work of a sparse dispatch, but shape-static, so ``torch.compile`` captures it in one graph, and exact,
+    since a zero weight adds an exact zero.
+    """
+    xf = _acc(x)
+    weights = _acc(topk_weights)
+    out = torch.zeros_like(xf)
+    inter = w_down.shape[-1]
+    for e in range(w_gate_up.shape[0]):
+        weight_e = (weights * (topk_ids == e)).sum(-1, keepdim=True)  # (T, 1): 0 for tokens that skip e
+        gate_up = xf @ _acc(w_gate_up[e]).t()
+        hidden = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        out = out + weight_e * (hidden @ _acc(w_down[e]).t())
+    return out.to(x.dtype)

@@ -128,3 +128,40 @@ def test_moe_experts_bad_argument_is_named(arg, bad, match):
     args[arg] = bad(args[arg])
     with pytest.raises(ValueError, match=match):
         ops.moe_experts(**args)
+
+
+def test_dpo_and_sft_losses_train_an_moe_model_unchanged():
+    """Post-training needs nothing MoE-specific: DPO starts at ln 2 and raises the margin, and the SFT loss (the
+    causal-LM objective on masked labels) carries the router losses."""
+    import math
+
+    try:  # the post-training modules are moving to a package; either home works
+        from sparrow.post_training.align import DPOObjective, pad_right
+    except ImportError:
+        from sparrow.align import DPOObjective, pad_right
+    from sparrow.train.trainer import CausalLMObjective
+
+    policy = small_model(seed=3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 96, (n,), generator=g).tolist() for n in (4, 6, 3)]
+    chosen = [torch.randint(5, 96, (n,), generator=g).tolist() for n in (3, 5, 4)]
+    rejected = [torch.randint(5, 96, (n,), generator=g).tolist() for n in (6, 2, 3)]
+    batch = {}
+    for side, answers in (("chosen", chosen), ("rejected", rejected)):
+        batch[f"{side}_input_ids"] = pad_right([p + a for p, a in zip(prompts, answers)], 0)
+        batch[f"{side}_labels"] = pad_right([[-100] * len(p) + a for p, a in zip(prompts, answers)], -100)
+    objective = DPOObjective.from_policy(policy, beta=0.5)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(5):
+        loss, metrics = objective.loss(policy, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses[-1] < losses[0] - 0.05 and metrics["rewards/margin"] > 0
+    sft_loss, sft_metrics = CausalLMObjective().loss(policy, {"input_ids": batch["chosen_input_ids"],
+                                                             "labels": batch["chosen_labels"]})
+    assert sft_loss.requires_grad and sft_metrics["aux_loss"] > 0
+    assert sum(sft_metrics[f"expert_tokens/{e}"] for e in range(4)) == batch["chosen_input_ids"].numel() * 2 * 2

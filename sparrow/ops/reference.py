@@ -160,17 +160,25 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Te
     ``w_gate_up`` (E, 2I, H) each expert's gate then up projection, ``w_down`` (E, H, I). Token t's output is
     ``sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with ``e = topk_ids[t, j]``.
 
-    Every expert runs on every token and is masked by its weight (zero where the token did not pick it): E times
-    the work of a sparse dispatch, but shape-static, so ``torch.compile`` captures it in one graph, and exact,
-    since a zero weight adds an exact zero.
+    Eagerly each expert runs on the tokens that chose it (as transformers' Mixtral loop). How many that is depends
+    on the data, which ``torch.compile`` cannot give a static shape; while compiling, each expert runs on every
+    token instead, masked by its weight (zero where the token did not pick it; a zero weight adds an exact zero):
+    E / k times the work, but one graph.
     """
     xf = _acc(x)
     weights = _acc(topk_weights)
     out = torch.zeros_like(xf)
     inter = w_down.shape[-1]
+
+    def expert(e: int, rows: Tensor) -> Tensor:
+        gate_up = rows @ _acc(w_gate_up[e]).t()
+        return (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ _acc(w_down[e]).t()
+
     for e in range(w_gate_up.shape[0]):
-        weight_e = (weights * (topk_ids == e)).sum(-1, keepdim=True)  # (T, 1): 0 for tokens that skip e
-        gate_up = xf @ _acc(w_gate_up[e]).t()
-        hidden = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        out = out + weight_e * (hidden @ _acc(w_down[e]).t())
+        if torch.compiler.is_compiling():
+            weight_e = (weights * (topk_ids == e)).sum(-1, keepdim=True)  # (T, 1): 0 for tokens that skip e
+            out = out + weight_e * expert(e, xf)
+        else:
+            token, slot = torch.where(topk_ids == e)
+            out = out.index_add(0, token, weights[token, slot].unsqueeze(1) * expert(e, xf[token]))
     return out.to(x.dtype)

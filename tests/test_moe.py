@@ -183,3 +183,16 @@ def test_moe_reference_compiles_in_one_graph_with_the_eager_result():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     for got, ref in zip(leaves, eager_leaves):
         torch.testing.assert_close(got.grad, ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_moe_loss_and_router_gradient():
+    ids = tokens()
+    grads = []
+    for checkpointing in (False, True):
+        model = small_model(router_z_loss_coef=0.1)
+        model.model.gradient_checkpointing = checkpointing
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads.append((out.loss.detach(), model.model.layers[1].mlp.gate.weight.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=0, rtol=0)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-6, rtol=1e-6)

@@ -4,7 +4,7 @@ final RMSNorm and an LM head (optionally tied to the embeddings).
 With ``num_local_experts > 0`` the MLP of every ``decoder_sparse_step``-th block (less ``mlp_only_layers``) is a
 mixture of experts, as Mixtral and Qwen3-MoE: a softmax top-k router (renormalised over the chosen k when
 ``norm_topk_prob``) sends each token to k SwiGLU experts (:func:`sparrow.ops.moe_experts`), and training adds the
-Switch/Mixtral load-balancing loss and the ST-MoE router z-loss, weighted by their coefficients.
+Switch load-balancing loss (per layer) and the ST-MoE router z-loss, weighted by their coefficients.
 
 Every norm, rotary and attention call goes through :mod:`sparrow.ops`, so the kernels are swapped with one
 argument (``SparrowForCausalLM(config, backend="triton")`` or :func:`sparrow.patch`). Module and parameter
@@ -168,7 +168,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # `moe-tiny`: tiny's attention with 8 experts of 192, 2 per token: 1.32M parameters active per token of 3.09M.
     "moe-tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, model_type="mixtral",
-                     num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=192, router_aux_loss_coef=0.01,
+                     num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=192, router_aux_loss_coef=0.05,
                      router_z_loss_coef=0.001),
     # A GPU-sized Mixtral shape: 124m's width and depth, 8 experts of 2048, 2 per token: 157M active of 497M.
     "moe-500m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -420,20 +420,21 @@ class MoeMLP(nn.Module):
 def router_losses(router_logits: list[Tensor], top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """(load-balancing loss, z-loss, expert counts (layers, experts)) over every MoE layer's router logits.
 
-    The balancing loss is transformers' ``load_balancing_loss_func`` (Switch Transformer eq. 4-6 over the
-    concatenated layers): ``E * sum_e f_e * P_e``, f_e the fraction of top-k assignments that went to expert e and
-    P_e its mean router probability; it is 1 * k when routing is uniform. The z-loss (ST-MoE) is the mean squared
-    logsumexp of the logits, which keeps them small.
+    The balancing loss is Switch Transformer's (eq. 4-6) per layer, averaged over the MoE layers:
+    ``E * sum_e f_e * P_e``, f_e the fraction of the layer's top-k assignments that went to expert e and P_e its
+    mean router probability; k when routing is uniform. Per layer, because transformers' Mixtral form (one sum
+    over the concatenated layers, which this equals for a single MoE layer) lets one layer starve an expert
+    while another overfeeds it: moe-tiny trained with it left a layer's expert with 0 of 4096 assignments. The
+    z-loss (ST-MoE) is the mean squared logsumexp of the logits, which keeps them small.
     """
     logits = torch.stack([r.float() for r in router_logits])  # (layers, tokens, experts)
-    experts = logits.shape[-1]
+    experts, tokens = logits.shape[-1], logits.shape[1]
     probs = torch.softmax(logits, dim=-1)
     chosen = torch.topk(probs, top_k, dim=-1).indices
     counts = F.one_hot(chosen, experts).sum(dim=(1, 2))  # (layers, experts)
-    rows = logits.shape[0] * logits.shape[1]
-    tokens_per_expert = counts.sum(0).float() / rows
-    prob_per_expert = probs.sum(dim=(0, 1)) / rows
-    aux = experts * torch.sum(tokens_per_expert * prob_per_expert)
+    tokens_per_expert = counts.float() / tokens
+    prob_per_expert = probs.mean(dim=1)
+    aux = experts * (tokens_per_expert * prob_per_expert).sum(-1).mean()
     z = torch.logsumexp(logits, dim=-1).pow(2).mean()
     return aux, z, counts
 

@@ -1,6 +1,11 @@
 """A Llama-style decoder: token embeddings, pre-norm blocks of GQA attention with RoPE and a SwiGLU MLP,
 final RMSNorm and an LM head (optionally tied to the embeddings).
 
+With ``num_local_experts > 0`` the MLP of every ``decoder_sparse_step``-th block (less ``mlp_only_layers``) is a
+mixture of experts, as Mixtral and Qwen3-MoE: a softmax top-k router (renormalised over the chosen k when
+``norm_topk_prob``) sends each token to k SwiGLU experts (:func:`sparrow.ops.moe_experts`), and training adds the
+Switch load-balancing loss (per layer) and the ST-MoE router z-loss, weighted by their coefficients.
+
 Every norm, rotary and attention call goes through :mod:`sparrow.ops`, so the kernels are swapped with one
 argument (``SparrowForCausalLM(config, backend="triton")`` or :func:`sparrow.patch`). Module and parameter
 names follow Hugging Face's ``LlamaForCausalLM``, and so do the config fields, which makes export a copy.
@@ -11,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
+from .hf.experts import experts_from_hf, experts_to_hf
 from .hf.config import ROPE_KEYS, hf_config_from_sparrow, sparrow_fields_from_hf
 from .hf.patching import is_transformers_model, patch_transformers
 from .safetensors_io import CONFIG_NAME, WEIGHTS_NAME, load_config, load_state, save_weights  # noqa: F401
@@ -51,7 +57,17 @@ class SparrowConfig:
     o_bias: bool = False                    # bias on the output projection (Llama/Qwen3 attention_bias)
     qk_norm: bool = False                   # per-head RMSNorm of q and k before RoPE (Qwen3)
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": linear|dynamic|llama3|yarn, ...} as transformers
-    model_type: str = "llama"               # the architecture export writes back (llama, mistral, qwen2, qwen3)
+    model_type: str = "llama"               # the architecture export writes back (llama, mistral, qwen2, qwen3,
+                                            # mixtral, qwen3_moe)
+    # Mixture of experts (Hugging Face's Mixtral / Qwen3-MoE names). 0 experts: every MLP is dense.
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None  # each expert's inner size; None means intermediate_size
+    norm_topk_prob: bool = True             # renormalise the k chosen probabilities to sum to 1 (Mixtral: always)
+    decoder_sparse_step: int = 1            # layer i is MoE when (i + 1) % step == 0 ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
+    router_aux_loss_coef: float = 0.001     # weight of the load-balancing loss in the training loss
+    router_z_loss_coef: float = 0.0         # weight of the router z-loss (mean squared logsumexp of router logits)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -71,6 +87,28 @@ class SparrowConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim: {self.head_dim} must be even for rotary embeddings")
         rope_frequencies(self)  # refuses a rope_scaling it does not implement, by name
+        if not isinstance(self.num_local_experts, int) or self.num_local_experts < 0:
+            raise ValueError(f"num_local_experts: must be an int >= 0, got {self.num_local_experts!r}")
+        if self.num_local_experts:
+            if self.moe_intermediate_size is None:
+                self.moe_intermediate_size = self.intermediate_size
+            for name in ("num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name}: must be a positive int, got {value!r}")
+            if self.num_experts_per_tok > self.num_local_experts:
+                raise ValueError(f"num_experts_per_tok: {self.num_experts_per_tok} exceeds num_local_experts ({self.num_local_experts})")
+            bad = [i for i in self.mlp_only_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+            if bad:
+                raise ValueError(f"mlp_only_layers: {bad} are not layer indices in [0, {self.num_hidden_layers})")
+            for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+                if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
+                    raise ValueError(f"{name}: must be a number >= 0, got {getattr(self, name)!r}")
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block ``index`` has a mixture-of-experts MLP (Qwen3-MoE's rule; Mixtral: every block)."""
+        return (self.num_local_experts > 0 and index not in self.mlp_only_layers
+                and (index + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -102,13 +140,21 @@ class SparrowConfig:
         """From a Hugging Face config.json (llama, mistral, qwen2, qwen3); refuses math-changing fields it lacks."""
         return cls(**sparrow_fields_from_hf(values))
 
-    def num_parameters(self) -> int:
+    def num_parameters(self, *, active: bool = False) -> int:
+        """Parameter count; ``active=True`` counts only the k experts a token runs through (the per-token compute)."""
         h, i, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        per_layer = 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h
+        per_layer = 2 * h * q + 2 * h * kv + 2 * h
         per_layer += (q + 2 * kv) * self.qkv_bias + h * self.o_bias + 2 * self.head_dim * self.qk_norm
+        mlps = 0
+        for index in range(L):
+            if self.is_moe_layer(index):
+                experts = self.num_experts_per_tok if active else self.num_local_experts
+                mlps += experts * 3 * h * self.moe_intermediate_size + self.num_local_experts * h
+            else:
+                mlps += 3 * h * i
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return L * per_layer + embeddings + h
+        return L * per_layer + mlps + embeddings + h
 
 
 # Presets by name. `tiny` trains in minutes on 2 CPU cores; `26m` is the size the Chinese tiny-LLM projects
@@ -120,6 +166,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                 num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
     "124m": dict(vocab_size=50304, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=12, max_position_embeddings=2048, tie_word_embeddings=True),
+    # `moe-tiny`: tiny's attention with 8 experts of 192, 2 per token: 1.32M parameters active per token of 3.09M.
+    "moe-tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, model_type="mixtral",
+                     num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=192, router_aux_loss_coef=0.05,
+                     router_z_loss_coef=0.001),
+    # A GPU-sized Mixtral shape: 124m's width and depth, 8 experts of 2048, 2 per token: 157M active of 497M.
+    "moe-500m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                     num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
+                     tie_word_embeddings=True, model_type="mixtral", num_local_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=2048, router_aux_loss_coef=0.01, router_z_loss_coef=0.001),
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False),
 }
@@ -128,7 +184,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class CausalLMOutput:
     logits: Tensor
-    loss: Tensor | None = None
+    loss: Tensor | None = None  # with labels: cross-entropy plus the weighted router losses of an MoE model
+    # MoE models, with labels: the load-balancing loss, the router z-loss, and the tokens each expert received
+    # (MoE layers, experts) int64, top-k assignments counted.
+    aux_loss: Tensor | None = None
+    z_loss: Tensor | None = None
+    expert_counts: Tensor | None = None
 
 
 class KVCache:
@@ -321,16 +382,75 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
+class MoeExperts(nn.Module):
+    """The experts' weights as 3-D tensors (transformers 5's layout): ``gate_up_proj`` (E, 2I, H), the gate
+    projection stacked over the up projection, and ``down_proj`` (E, H, I)."""
+
     def __init__(self, config: SparrowConfig):
         super().__init__()
+        e, h, i = config.num_local_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+
+class MoeMLP(nn.Module):
+    """Softmax top-k router + routed SwiGLU experts. ``forward`` returns the output and the router logits
+    (tokens, experts), from which the model derives the auxiliary losses and the per-expert counts."""
+
+    def __init__(self, config: SparrowConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = MoeExperts(config)
+        self.backend: str | None = None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        tokens = x.reshape(-1, x.shape[-1])
+        router_logits = self.gate(tokens)
+        # As transformers: softmax in float32 over all experts, then the top k (renormalised if asked).
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        out = ops.moe_experts(tokens, topk_ids, topk_weights.to(x.dtype), self.experts.gate_up_proj.to(x.dtype),
+                              self.experts.down_proj.to(x.dtype), backend=self.backend)
+        return out.view(x.shape), router_logits
+
+
+def router_losses(router_logits: list[Tensor], top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(load-balancing loss, z-loss, expert counts (layers, experts)) over every MoE layer's router logits.
+
+    The balancing loss is Switch Transformer's (eq. 4-6) per layer, averaged over the MoE layers:
+    ``E * sum_e f_e * P_e``, f_e the fraction of the layer's top-k assignments that went to expert e and P_e its
+    mean router probability; k when routing is uniform. Per layer, because transformers' Mixtral form (one sum
+    over the concatenated layers, which this equals for a single MoE layer) lets one layer starve an expert
+    while another overfeeds it: moe-tiny trained with it left a layer's expert with 0 of 4096 assignments. The
+    z-loss (ST-MoE) is the mean squared logsumexp of the logits, which keeps them small.
+    """
+    logits = torch.stack([r.float() for r in router_logits])  # (layers, tokens, experts)
+    experts, tokens = logits.shape[-1], logits.shape[1]
+    probs = torch.softmax(logits, dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices
+    counts = F.one_hot(chosen, experts).sum(dim=(1, 2))  # (layers, experts)
+    tokens_per_expert = counts.float() / tokens
+    prob_per_expert = probs.mean(dim=1)
+    aux = experts * (tokens_per_expert * prob_per_expert).sum(-1).mean()
+    z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return aux, z, counts
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: SparrowConfig, index: int = 0):
+        super().__init__()
         self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        self.mlp = MoeMLP(config) if config.is_moe_layer(index) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
-                cu_seqlens: Tensor | None, max_seqlen: int | None, cache=None) -> tuple[Tensor, Tensor]:
+                cu_seqlens: Tensor | None, max_seqlen: int | None, cache=None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(output, residual, router logits of an MoE MLP or None)."""
         # The residual stream is carried separately so each add fuses with the norm that follows it.
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
@@ -338,20 +458,24 @@ class DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
         hidden = self.self_attn(hidden, cos, sin, cu_seqlens, max_seqlen, cache)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
-        return self.mlp(hidden), residual
+        if isinstance(self.mlp, MoeMLP):
+            hidden, router_logits = self.mlp(hidden)
+            return hidden, residual, router_logits
+        return self.mlp(hidden), residual, None
 
 
 class SparrowModel(nn.Module):
     def __init__(self, config: SparrowConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None,
-                kv_cache: KVCache | None = None) -> Tensor:
+                kv_cache: KVCache | None = None, router_logits: list[Tensor] | None = None) -> Tensor:
+        """The final hidden states; MoE layers append their router logits to ``router_logits`` when given."""
         hidden = self.embed_tokens(input_ids)
         if torch.is_autocast_enabled(hidden.device.type):
             # Autocast leaves the embedding in float32 but makes every projection bf16; a single dtype for the
@@ -364,11 +488,14 @@ class SparrowModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if kv_cache is not None:
                 cache = (kv_cache.keys[i], kv_cache.values[i], position_ids, new_lengths)
-                hidden, residual = layer(hidden, residual, cos, sin, None, None, cache)
+                hidden, residual, logits = layer(hidden, residual, cos, sin, None, None, cache)
             elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden, residual = checkpoint(layer, hidden, residual, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+                hidden, residual, logits = checkpoint(layer, hidden, residual, cos, sin, cu_seqlens, max_seqlen,
+                                                      use_reentrant=False)
             else:
-                hidden, residual = layer(hidden, residual, cos, sin, cu_seqlens, max_seqlen)
+                hidden, residual, logits = layer(hidden, residual, cos, sin, cu_seqlens, max_seqlen)
+            if logits is not None and router_logits is not None:
+                router_logits.append(logits)
         if kv_cache is not None:
             kv_cache.lengths = new_lengths
         if residual is None:  # no layers
@@ -391,7 +518,11 @@ class SparrowForCausalLM(nn.Module):
         residual_std = config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
         for layer in self.model.layers:
             nn.init.normal_(layer.self_attn.o_proj.weight, std=residual_std)
-            nn.init.normal_(layer.mlp.down_proj.weight, std=residual_std)
+            if isinstance(layer.mlp, MoeMLP):
+                nn.init.normal_(layer.mlp.experts.gate_up_proj, std=config.initializer_range)
+                nn.init.normal_(layer.mlp.experts.down_proj, std=residual_std)
+            else:
+                nn.init.normal_(layer.mlp.down_proj.weight, std=residual_std)
         patch(self, backend)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -442,26 +573,32 @@ class SparrowForCausalLM(nn.Module):
             max_seqlen = int(cu_seqlens.diff().max())
         if t > self.config.max_position_embeddings or (max_seqlen is not None and max_seqlen > self.config.max_position_embeddings):
             raise ValueError(f"input_ids: sequence length {max(t, max_seqlen or 0)} exceeds max_position_embeddings ({self.config.max_position_embeddings})")
-        hidden = self.model(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache)
+        router_logits: list[Tensor] = []
+        hidden = self.model(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache, router_logits)
         logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels)
-        return CausalLMOutput(logits=logits, loss=loss)
+        if labels is None:
+            return CausalLMOutput(logits=logits)
+        loss = causal_lm_loss(logits, labels)
+        if not router_logits:
+            return CausalLMOutput(logits=logits, loss=loss)
+        # As transformers, over every token of the batch (padding included: packed batches have none).
+        aux, z, counts = router_losses(router_logits, self.config.num_experts_per_tok)
+        loss = loss + self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux, z_loss=z, expert_counts=counts)
 
     # ------------------------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors``; each file lands atomically (temp + rename)."""
-        save_weights(directory, self.state_dict(), self.config.to_hf_dict(),
+        save_weights(directory, experts_to_hf(self.state_dict(), self.config.model_type), self.config.to_hf_dict(),
                      tied_embeddings=self.config.tie_word_embeddings)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, backend: str | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "SparrowForCausalLM":
         """Load a folder written by :meth:`save_pretrained` or a Hugging Face checkpoint of the Llama family
-        (llama, mistral, qwen2, qwen3; single or sharded safetensors; see :mod:`sparrow.hf`)."""
+        (llama, mistral, qwen2, qwen3, mixtral, qwen3_moe; single or sharded safetensors; see :mod:`sparrow.hf`)."""
         config = SparrowConfig.from_hf_dict(load_config(directory))  # refuses what it cannot compute before any I/O
-        state = load_state(directory)
+        state = experts_from_hf(load_state(directory), config.model_type)
         model = cls(config, backend=backend)
         # Older transformers versions saved the rotary inverse frequencies; Sparrow rebuilds them from the config.
         state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -494,7 +631,7 @@ def patch(model: nn.Module, backend: str | None):
         return patch_transformers(model, backend)
     found = False
     for module in model.modules():
-        if isinstance(module, (RMSNorm, Attention)):
+        if isinstance(module, (RMSNorm, Attention, MoeMLP)):
             module.backend = backend
             found = True
     if not found:

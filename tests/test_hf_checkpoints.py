@@ -31,6 +31,10 @@ CASES = {
     "qwen3": ("Qwen3Config", dict(head_dim=16), {}),
     "mistral": ("MistralConfig", dict(sliding_window=None), {}),
     "mistral_window_covers_all": ("MistralConfig", dict(sliding_window=64), {}),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), {}),
+    # Qwen3-MoE with what Mixtral cannot hold: no top-k renormalisation and a dense layer among the MoE ones.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=16,
+                                         norm_topk_prob=False, mlp_only_layers=[0]), {}),
 }
 
 
@@ -66,7 +70,8 @@ def test_hf_checkpoint_loads_with_transformers_logits(name, tmp_path):
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llama3_sharded", "qwen2", "qwen3", "mistral", "llama_yarn", "llama_bias_head_dim"])
+@pytest.mark.parametrize("name", ["llama3_sharded", "qwen2", "qwen3", "mistral", "llama_yarn", "llama_bias_head_dim",
+                                  "mixtral", "qwen3_moe"])
 def test_export_round_trips_through_transformers_in_the_same_architecture(name, tmp_path):
     hf_model, folder = build_hf(name, tmp_path)
     model = SparrowForCausalLM.from_pretrained(folder, backend="reference").eval()
@@ -101,8 +106,8 @@ def test_unsupported_rope_kind_and_architecture_are_refused_by_name(tmp_path):
     (folder / "config.json").write_text(json.dumps(dict(base, rope_scaling={"rope_type": "longrope", "short_factor": [1.0]})))
     with pytest.raises(ValueError, match="rope_type.*longrope"):
         SparrowForCausalLM.from_pretrained(folder)
-    (folder / "config.json").write_text(json.dumps(dict(base, model_type="mixtral")))
-    with pytest.raises(ValueError, match="model_type.*mixtral"):
+    (folder / "config.json").write_text(json.dumps(dict(base, model_type="qwen2_moe")))
+    with pytest.raises(ValueError, match="model_type.*qwen2_moe"):
         SparrowForCausalLM.from_pretrained(folder)
     (folder / "config.json").write_text(json.dumps(dict(base, some_new_knob=3)))
     with pytest.raises(ValueError, match="some_new_knob"):

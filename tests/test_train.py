@@ -282,3 +282,37 @@ def test_resume_drops_metrics_past_the_checkpoint_and_a_cut_last_line(tmp_path):
                                             '{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
     MetricsLog(tmp_path).truncate_after(2)
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "val_loss": 1.5}]
+
+
+# ------------------------------------------------------------------------------------------ mixture of experts
+
+def moe_overrides(tokens: Path, out_dir: Path, **extra) -> list[str]:
+    return small_overrides(tokens, out_dir, **{"model.preset": "moe-tiny", "model.num_local_experts": 4,
+                                               "model.moe_intermediate_size": 32, **extra})
+
+
+def test_moe_pretraining_logs_router_metrics_and_resumes_exactly(tmp_path):
+    """The router is trained state like any other: a run killed after step 7 and resumed from step 4's checkpoint
+    repeats the uninterrupted run's losses and per-expert counts exactly."""
+    tokens = make_tokens(tmp_path / "tokens")
+    reference = tmp_path / "reference"
+    build_pretraining(load_config(None, moe_overrides(tokens, reference, **{"train.plot": True})),
+                      log=lambda *a, **k: None).fit()
+    records = [r for r in read_metrics(reference) if "loss" in r]
+    assert {"aux_loss", "z_loss", "expert_max_min", *(f"expert_tokens/{e}" for e in range(4))} <= set(records[0])
+    # Every step routes each of the 4 x 32 tokens to 2 experts in each of the 2 MoE layers.
+    assert all(sum(r[f"expert_tokens/{e}"] for e in range(4)) == 4 * 32 * 2 * 2 for r in records)
+    assert (reference / "loss.png").stat().st_size > 1000
+    out = tmp_path / "run"
+    killed = run_subprocess(tmp_path, "fresh", moe_overrides(tokens, out), env={"SPARROW_TEST_KILL_AFTER_STEP": "7"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_subprocess(tmp_path, "resume", moe_overrides(tokens, out))
+    assert resumed.returncode == 0, resumed.stderr
+
+    def untimed(run: Path) -> list[dict]:
+        timing = {"elapsed_s", "tok_per_s"}
+        return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(run) if "loss" in r]
+
+    assert untimed(out) == untimed(reference)  # losses, router losses and expert counts, every step
+    model = SparrowForCausalLM.from_pretrained(out / "model")
+    assert model.config.num_local_experts == 4 and model.config.model_type == "mixtral"

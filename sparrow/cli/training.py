@@ -64,6 +64,8 @@ def register(subparsers) -> None:
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--dpo-steps", type=int, default=60)
     parser.add_argument("--eval-per-task", type=int, default=100, help="held-out exact-match items of each task")
+    parser.add_argument("--preset", default=None, help="model preset the demo pretrains (default: the pretraining "
+                        "config's, tiny; moe-tiny for a mixture of experts)")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 unless every learning claim holds (SFT raises exact match; DPO raises "
                              "preference accuracy and margin without lowering it)")
@@ -132,7 +134,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo as demo
 
     result = demo(args.out, pretrain_steps=args.pretrain_steps, sft_steps=args.sft_steps, dpo_steps=args.dpo_steps,
-                  eval_per_task=args.eval_per_task)
+                  eval_per_task=args.eval_per_task,
+                  overrides={"model.preset": args.preset} if args.preset else None)
     failed = [c["claim"] for c in result["checks"] if not c["passed"]]
     if failed and args.check:
         print(f"demo: {len(failed)} learning check(s) failed: {'; '.join(failed)}")

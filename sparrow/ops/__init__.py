@@ -1,4 +1,5 @@
-"""Sparrow's ops layer: the only way the model touches normalisation, rotary embeddings and attention.
+"""Sparrow's ops layer: the only way the model touches normalisation, rotary embeddings, attention and the
+experts of a mixture-of-experts MLP.
 
 Every op has a pure-PyTorch reference (:mod:`sparrow.ops.reference`, the ground truth) and fast backends
 with the same signature. Choose one per call (``backend="triton"``), per region
@@ -37,6 +38,7 @@ __all__ = [
     "backend_error",
     "fused_add_rms_norm",
     "get_backend",
+    "moe_experts",
     "register",
     "rms_norm",
     "set_auto_order",
@@ -227,6 +229,41 @@ def attention_with_kv_cache(
             _fail(f"cache_seqlens: each entry must lie in [new_len={q.shape[1]}, max_len={k_cache.shape[1]}]")
     args = (q, k_cache, v_cache, cache_seqlens, scale)
     return resolve("attention_with_kv_cache", backend, q.device, args)(*args)
+
+
+def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor, *,
+                backend: str | None = None) -> Tensor:
+    """The routed experts of a mixture-of-experts SwiGLU MLP (the router stays in the model).
+
+    x: (tokens, hidden); ``topk_ids`` int (tokens, k): the experts each token is sent to, distinct per token;
+    ``topk_weights`` float (tokens, k): their mixing weights (differentiable: the router's gradient flows through
+    them); ``w_gate_up`` (experts, 2 * inter, hidden): each expert's gate projection stacked over its up projection
+    (transformers' layout); ``w_down`` (experts, hidden, inter). Returns (tokens, hidden)
+    ``sum_j topk_weights[:, j] * down_e(silu(gate_e(x)) * up_e(x))``, ``e = topk_ids[:, j]``.
+    """
+    for name, t in (("x", x), ("topk_weights", topk_weights), ("w_gate_up", w_gate_up), ("w_down", w_down)):
+        _check_float(name, t)
+    _check_same_device("x", x, topk_ids=topk_ids, topk_weights=topk_weights, w_gate_up=w_gate_up, w_down=w_down)
+    if x.dim() != 2:
+        _fail(f"x: expected (tokens, hidden), got shape {tuple(x.shape)}")
+    if not isinstance(topk_ids, Tensor) or topk_ids.dtype not in (torch.int32, torch.int64) or topk_ids.dim() != 2 \
+            or topk_ids.shape[0] != x.shape[0]:
+        _fail(f"topk_ids: expected an int32/int64 tensor (tokens={x.shape[0]}, k)")
+    if topk_weights.shape != topk_ids.shape:
+        _fail(f"topk_weights: shape {tuple(topk_weights.shape)} does not match topk_ids {tuple(topk_ids.shape)}")
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != x.shape[1] or w_gate_up.shape[1] % 2:
+        _fail(f"w_gate_up: expected (experts, 2 * inter, hidden={x.shape[1]}), got {tuple(w_gate_up.shape)}")
+    experts, inter = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    if w_down.shape != (experts, x.shape[1], inter):
+        _fail(f"w_down: expected (experts={experts}, hidden={x.shape[1]}, inter={inter}), got {tuple(w_down.shape)}")
+    if w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
+        _fail(f"w_gate_up, w_down: dtypes {w_gate_up.dtype}, {w_down.dtype} must match x dtype {x.dtype}")
+    if topk_ids.shape[1] > experts:
+        _fail(f"topk_ids: k={topk_ids.shape[1]} exceeds the {experts} experts")
+    if not torch.compiler.is_compiling() and topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= experts):
+        _fail(f"topk_ids: expert ids must lie in [0, {experts})")
+    args = (x, topk_ids, topk_weights, w_gate_up, w_down)
+    return resolve("moe_experts", backend, x.device, args)(*args)
 
 
 load_backends()

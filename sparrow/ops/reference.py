@@ -151,3 +151,34 @@ def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     vg = v_cache.permute(0, 2, 1, 3).unsqueeze(2)
     out = torch.matmul(probs.to(vg.dtype), vg)
     return out.permute(0, 3, 1, 2, 4).reshape(b, tq, h, v_cache.shape[-1]).to(dtype)
+
+
+def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+    """The routed SwiGLU experts of a mixture-of-experts MLP, as a loop over experts.
+
+    x (T, H); ``topk_ids`` (T, k) the experts each token goes to, ``topk_weights`` (T, k) their mixing weights;
+    ``w_gate_up`` (E, 2I, H) each expert's gate then up projection, ``w_down`` (E, H, I). Token t's output is
+    ``sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with ``e = topk_ids[t, j]``.
+
+    Eagerly each expert runs on the tokens that chose it (as transformers' Mixtral loop). How many that is depends
+    on the data, which ``torch.compile`` cannot give a static shape; while compiling, each expert runs on every
+    token instead, masked by its weight (zero where the token did not pick it; a zero weight adds an exact zero):
+    E / k times the work, but one graph.
+    """
+    xf = _acc(x)
+    weights = _acc(topk_weights)
+    out = torch.zeros_like(xf)
+    inter = w_down.shape[-1]
+
+    def expert(e: int, rows: Tensor) -> Tensor:
+        gate_up = rows @ _acc(w_gate_up[e]).t()
+        return (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ _acc(w_down[e]).t()
+
+    for e in range(w_gate_up.shape[0]):
+        if torch.compiler.is_compiling():
+            weight_e = (weights * (topk_ids == e)).sum(-1, keepdim=True)  # (T, 1): 0 for tokens that skip e
+            out = out + weight_e * expert(e, xf)
+        else:
+            token, slot = torch.where(topk_ids == e)
+            out = out.index_add(0, token, weights[token, slot].unsqueeze(1) * expert(e, xf[token]))
+    return out.to(x.dtype)

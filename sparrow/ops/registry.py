@@ -25,7 +25,7 @@ _CHOICES = (*BACKENDS, "auto")
 # loads the backend's extension).
 _BACKEND_MODULES = {
     "reference": ("sparrow.ops.reference_backend",),
-    "triton": ("sparrow.ops.triton_backend", "sparrow.ops.triton_attention"),
+    "triton": ("sparrow.ops.triton_backend", "sparrow.ops.triton_attention", "sparrow.ops.triton_moe"),
     "cuda": ("sparrow.ops.cuda_backend", "sparrow.ops.cuda_attention"),
 }
 

@@ -40,6 +40,14 @@ class ModelSection:
     rms_norm_eps: float | None = None
     tie_word_embeddings: bool | None = None
     initializer_range: float | None = None
+    # Mixture of experts (see SparrowConfig; preset moe-tiny): 0 experts means dense MLPs.
+    num_local_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool | None = None
+    decoder_sparse_step: int | None = None
+    router_aux_loss_coef: float | None = None
+    router_z_loss_coef: float | None = None
 
     def model_config(self, **extra: Any) -> SparrowConfig:
         if self.preset not in PRESETS:
@@ -51,7 +59,9 @@ class ModelSection:
 # Model fields settable from the config (the rest of SparrowConfig, token ids, comes from the data).
 _MODEL_OVERRIDES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-                    "tie_word_embeddings", "initializer_range")
+                    "tie_word_embeddings", "initializer_range", "num_local_experts", "num_experts_per_tok",
+                    "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "router_aux_loss_coef",
+                    "router_z_loss_coef")
 
 
 @dataclass

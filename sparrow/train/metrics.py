@@ -86,7 +86,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, unigram_entropy: float | None = None,
               title: str = "training loss") -> Path:
-    """Training loss per step (and validation loss where measured) against the unigram-entropy baseline."""
+    """Training loss per step (and validation loss where measured) against the unigram-entropy baseline; for a
+    mixture-of-experts run a second panel shows each expert's share of the routed tokens per step."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
@@ -95,7 +96,23 @@ def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, un
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    experts = sorted({k for r in records for k in r if k.startswith("expert_tokens/")}, key=lambda k: int(k.split("/")[1]))
+    if experts:
+        fig, (ax, ax_experts) = plt.subplots(2, 1, figsize=(7, 7), dpi=110)
+        shares = [(r["step"], [r[k] / max(sum(r[j] for j in experts), 1e-9) for k in experts])
+                  for r in records if all(k in r for k in experts)]
+        if shares:
+            steps = [s for s, _ in shares]
+            for i, key in enumerate(experts):
+                ax_experts.plot(steps, [share[i] for _, share in shares], lw=1, label=key.split("/")[1])
+            ax_experts.axhline(1 / len(experts), color="grey", ls="--", lw=1, label="balanced")
+        ax_experts.set_xlabel("step")
+        ax_experts.set_ylabel("share of routed tokens")
+        ax_experts.set_title("tokens per expert")
+        ax_experts.grid(alpha=0.3)
+        ax_experts.legend(ncol=5, fontsize=7)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
         ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
     if val:

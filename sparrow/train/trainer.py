@@ -59,10 +59,25 @@ class CausalLMObjective:
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         out = model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch.get("cu_seqlens"),
                     max_seqlen=batch.get("max_seqlen"))
-        return out.loss, {}
+        return out.loss, router_metrics(out)
 
     def weight(self, batch: dict[str, Any]) -> float:
         return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def router_metrics(out: Any) -> dict[str, float]:
+    """What a mixture-of-experts forward logs (nothing for a dense model): its two router losses, the tokens each
+    expert received summed over the MoE layers (``expert_tokens/<e>``), and the worst layer's max/min ratio."""
+    counts = getattr(out, "expert_counts", None)
+    if counts is None:
+        return {}
+    metrics = {"aux_loss": float(out.aux_loss.detach()), "z_loss": float(out.z_loss.detach())}
+    counts = counts.detach().cpu()
+    for e, n in enumerate(counts.sum(0).tolist()):
+        metrics[f"expert_tokens/{e}"] = float(n)
+    ratio = counts.max(1).values.double() / counts.min(1).values.clamp_min(1).double()
+    metrics["expert_max_min"] = float(ratio.max())
+    return metrics
 
 
 class NonFiniteLossError(RuntimeError):

@@ -36,18 +36,50 @@ std::string_view utf8_view(const py::handle& obj) {
   return std::string_view(data, static_cast<size_t>(size));
 }
 
+// Python ints for ids 0..size-1, made once per process and shared by every list we return: building
+// a list of n ids is then n reference-count increments instead of n int allocations (and freeing the
+// list frees no ints). Grown to the largest vocabulary seen; only touched with the GIL held.
+std::vector<PyObject*>& id_objects() {
+  static std::vector<PyObject*> objs;
+  return objs;
+}
+
+void ensure_id_objects(size_t size) {
+  auto& objs = id_objects();
+  objs.reserve(size);
+  while (objs.size() < size) {
+    PyObject* v = PyLong_FromSize_t(objs.size());
+    if (!v) throw py::error_already_set();
+    objs.push_back(v);
+  }
+}
+
 py::list to_list(const std::vector<uint32_t>& ids) {
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(ids.size()));
   if (!list) throw py::error_already_set();
+  const auto& objs = id_objects();
+  const size_t cached = objs.size();
   for (size_t i = 0; i < ids.size(); ++i) {
-    PyObject* v = PyLong_FromUnsignedLong(ids[i]);
-    if (!v) {
-      Py_DECREF(list);
-      throw py::error_already_set();
+    PyObject* v;
+    if (ids[i] < cached) {
+      v = objs[ids[i]];
+      Py_INCREF(v);
+    } else {
+      v = PyLong_FromUnsignedLong(ids[i]);
+      if (!v) {
+        Py_DECREF(list);
+        throw py::error_already_set();
+      }
     }
     PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), v);
   }
   return py::reinterpret_steal<py::list>(list);
+}
+
+// Loaders hand encoders to Python through this, so that their ids have shared int objects.
+std::unique_ptr<Encoder> with_id_objects(std::unique_ptr<Encoder> e) {
+  ensure_id_objects(e->vocab_size());
+  return e;
 }
 
 std::vector<uint32_t> to_ids(const py::iterable& ids, size_t vocab_size) {
@@ -154,16 +186,24 @@ PYBIND11_MODULE(_bpe, m) {
   py::class_<Encoder>(m, "Encoder")
       .def_static("from_hf_json", [](py::bytes data) {
             std::string s = data;
-            py::gil_scoped_release nogil;
-            return Encoder::from_hf_json(s);
+            std::unique_ptr<Encoder> e;
+            {
+              py::gil_scoped_release nogil;
+              e = Encoder::from_hf_json(s);
+            }
+            return with_id_objects(std::move(e));
           }, py::arg("contents"))
       .def_static("from_tiktoken", [](py::bytes data, const std::string& pattern, const std::map<std::string, uint32_t>& specials) {
             std::string s = data;
             const Pattern p = sparrow::bpe::pattern_from_name(pattern);
             std::vector<std::pair<std::string, uint32_t>> sp(specials.begin(), specials.end());
             std::sort(sp.begin(), sp.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
-            py::gil_scoped_release nogil;
-            return Encoder::from_tiktoken(s, p, sp);
+            std::unique_ptr<Encoder> e;
+            {
+              py::gil_scoped_release nogil;
+              e = Encoder::from_tiktoken(s, p, sp);
+            }
+            return with_id_objects(std::move(e));
           }, py::arg("contents"), py::arg("pattern"), py::arg("special_tokens"))
       .def("encode_ordinary", [](const Encoder& e, py::handle text) {
             std::string_view s = utf8_view(text);

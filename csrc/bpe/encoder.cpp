@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "bpe/json.h"
+#include "bpe/pretokenize_impl.h"
 #include "bpe/unicode.h"
 
 namespace sparrow::bpe {
@@ -237,6 +238,29 @@ void Encoder::finish(const std::vector<SpecialToken>& specials) {
       }
     }
     if (t_->trie[node].special < 0) t_->trie[node].special = static_cast<int>(k);
+  }
+  byte_pairs_.assign(size_t{1} << 16, static_cast<uint64_t>(kNoRank) << 32);
+  for (int a = 0; a < 256; ++a) {
+    if (!byte_present_[a]) continue;
+    for (int b = 0; b < 256; ++b) {
+      if (!byte_present_[b]) continue;
+      if (const Tables::PairSlot* p = t_->find_pair(byte_id_[a], byte_id_[b]))
+        byte_pairs_[(a << 8) | b] = (static_cast<uint64_t>(p->rank) << 32) | p->merged;
+    }
+  }
+  if (!whole_piece_lookup_) {
+    // Which tokens BPE turns back into themselves: for those, a piece with the token's bytes can be
+    // answered by one lookup in the token table, with the very ids the merges would give (a token that
+    // BPE cannot reach from its own bytes, as HF-trained vocabularies have, keeps the full BPE).
+    std::vector<uint8_t> self(id_bytes_.size(), 0);
+    std::vector<uint32_t> ids;
+    for (uint32_t id = 0; id < id_bytes_.size(); ++id) {
+      if (id_kind_[id] != 1 || id_bytes_[id].size() < 2) continue;
+      ids.clear();
+      bpe_hashed(reinterpret_cast<const unsigned char*>(id_bytes_[id].data()), id_bytes_[id].size(), 0, ids);
+      self[id] = ids.size() == 1 && ids[0] == id;
+    }
+    self_encoding_ = std::move(self);
   }
 }
 
@@ -469,7 +493,7 @@ std::unique_ptr<Encoder> Encoder::from_tiktoken(std::string_view contents, Patte
   // Every split of a token into two tokens is such a pair, so listing them all gives an id-pair table
   // that decides exactly like tiktoken's byte-string lookups.
   enc->t_->build_tokens(enc->id_bytes_, enc->id_kind_);
-  enc->t_->init_pairs(enc->id_bytes_.size() * 4);
+  enc->t_->init_pairs(enc->id_bytes_.size());  // grows to load 1/4..1/2
   for (uint32_t id = 0; id < enc->id_bytes_.size(); ++id) {
     if (enc->id_kind_[id] != 1) continue;
     const std::string& b = enc->id_bytes_[id];
@@ -518,6 +542,81 @@ std::unique_ptr<Encoder> Encoder::from_vocab_and_merges(const std::vector<std::s
 // ---------------------------------------------------------------------------------------------------
 // Encoding
 
+namespace {
+
+// Per-thread cache of recent pieces -> ids. Text is Zipfian: a few thousand pieces (" the", "\n    ",
+// "的") make up most of it, and hitting this small table avoids both the BPE and the cache misses of
+// the vocabulary-sized hash tables. Entries carry the encoder's uid, so encoders never see each
+// other's entries and nothing needs clearing. One entry is one 64-byte cache line: pieces up to 24
+// bytes with up to 6 ids (nearly all pieces of real text); longer ones go straight to the tables.
+struct PieceCache {
+  static constexpr size_t kEntries = 16384;  // 1 MiB
+  static constexpr size_t kMaxBytes = 24;
+  static constexpr size_t kMaxIds = 6;
+  struct alignas(64) Entry {
+    uint64_t hash;
+    uint32_t owner;  // 0: empty
+    uint8_t len;
+    uint8_t nids;
+    uint8_t pad[2];
+    unsigned char bytes[kMaxBytes];
+    uint32_t ids[kMaxIds];
+  };
+  static_assert(sizeof(Entry) == 64, "one cache line per entry");
+  Entry entries[kEntries];
+
+  // Recent merge-pair lookups, (left, right) -> (rank, merged), misses included. BPE of text in one
+  // script meets the same pairs over and over ("的" is three bytes and two merges wherever it occurs);
+  // this 128 KiB table answers them from L2 instead of the vocabulary-sized pair table. Cleared when
+  // the thread switches to another encoder.
+  static constexpr size_t kPairs = 8192;
+  struct PairEntry {
+    uint64_t key;  // left << 32 | right; ~0 when empty
+    uint32_t rank;
+    uint32_t merged;
+  };
+  uint32_t pair_owner;
+  PairEntry pairs[kPairs];
+};
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+PieceCache& thread_cache() {
+  // Heap-allocated: a 1 MiB thread_local array would not fit the static TLS of a dlopen()ed module.
+  // calloc of this size maps fresh zero pages, so a short-lived batch worker pays only for the
+  // entries it touches.
+  static thread_local std::unique_ptr<PieceCache, FreeDeleter> cache;
+  if (!cache) {
+    void* mem = nullptr;
+    if (posix_memalign(&mem, 64, sizeof(PieceCache)) != 0 || !mem) throw std::bad_alloc();
+    std::memset(mem, 0, sizeof(PieceCache));
+    cache.reset(static_cast<PieceCache*>(mem));
+  }
+  return *cache;
+}
+
+inline uint32_t load32(const unsigned char* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// a[0..n) == b[0..n) for 1 <= n <= 24 with a few overlapping word loads instead of a memcmp call.
+SPARROW_INLINE bool same_short(const unsigned char* a, const unsigned char* b, size_t n) {
+  if (n >= 8) {
+    if (load64(a) != load64(b)) return false;
+    if (n >= 16 && load64(a + 8) != load64(b + 8)) return false;
+    return load64(a + n - 8) == load64(b + n - 8);
+  }
+  if (n >= 4) return load32(a) == load32(b) && load32(a + n - 4) == load32(b + n - 4);
+  return a[0] == b[0] && a[n >> 1] == b[n >> 1] && a[n - 1] == b[n - 1];
+}
+
+}  // namespace
+
+
 void Encoder::encode_piece(std::string_view piece, std::vector<uint32_t>& out) const {
   bpe(reinterpret_cast<const unsigned char*>(piece.data()), piece.size(), out);
 }
@@ -528,13 +627,15 @@ void Encoder::bpe(const unsigned char* s, size_t n, std::vector<uint32_t>& out) 
     if (byte_present_[s[0]]) out.push_back(byte_id_[s[0]]);
     return;
   }
-  bpe_hashed(s, n, whole_piece_lookup_ ? hash_bytes(s, n) : 0, out);
+  bpe_hashed(s, n, (whole_piece_lookup_ || !self_encoding_.empty()) ? hash_bytes(s, n) : 0, out);
 }
 
 void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::vector<uint32_t>& out) const {
-  if (whole_piece_lookup_) {
+  if (whole_piece_lookup_ || !self_encoding_.empty()) {
     int64_t id = t_->find_token(s, n, hash);
-    if (id >= 0) {
+    // With whole-piece lookup (tiktoken) a token is its own encoding by definition; without it (HF)
+    // only when BPE of its bytes gives back the token itself, which finish() worked out once per token.
+    if (id >= 0 && (whole_piece_lookup_ || self_encoding_[static_cast<size_t>(id)])) {
       out.push_back(static_cast<uint32_t>(id));
       return;
     }
@@ -546,20 +647,38 @@ void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::v
   uint32_t rank[kSmall];  // rank[i]: pair (sym[i], sym[i+1])
   uint32_t merged[kSmall];
   size_t m = 0;
-  for (size_t i = 0; i < n; ++i)
-    if (byte_present_[s[i]]) sym[m++] = byte_id_[s[i]];  // HF drops bytes that have no token
-  const Tables& t = *t_;
-  auto look = [&](size_t i) {
-    const Tables::PairSlot* p = t.find_pair(sym[i], sym[i + 1]);
-    if (p) {
-      rank[i] = p->rank;
-      merged[i] = p->merged;
-    } else {
-      rank[i] = kNoRank;
+  unsigned char raw[kSmall];
+  for (size_t i = 0; i < n; ++i) {
+    if (byte_present_[s[i]]) {  // HF drops bytes that have no token
+      raw[m] = s[i];
+      sym[m++] = byte_id_[s[i]];
     }
-  };
+  }
+  const Tables& t = *t_;
   if (m == 0) return;
-  for (size_t i = 0; i + 1 < m; ++i) look(i);
+  PieceCache& cache = thread_cache();
+  if (cache.pair_owner != uid_) {
+    for (auto& pe : cache.pairs) pe.key = ~0ull;
+    cache.pair_owner = uid_;
+  }
+  auto look = [&](size_t i) {
+    const uint64_t key = (static_cast<uint64_t>(sym[i]) << 32) | sym[i + 1];
+    PieceCache::PairEntry& pe = cache.pairs[mix(key) & (PieceCache::kPairs - 1)];
+    if (pe.key != key) {
+      const Tables::PairSlot* p = t.find_pair(sym[i], sym[i + 1]);
+      pe.key = key;
+      pe.rank = p ? p->rank : kNoRank;
+      pe.merged = p ? p->merged : 0;
+    }
+    rank[i] = pe.rank;
+    merged[i] = pe.merged;
+  };
+  // The first round pairs single bytes: a 64k-entry table in cache instead of the big pair table.
+  for (size_t i = 0; i + 1 < m; ++i) {
+    const uint64_t bp = byte_pairs_[(static_cast<size_t>(raw[i]) << 8) | raw[i + 1]];
+    rank[i] = static_cast<uint32_t>(bp >> 32);
+    merged[i] = static_cast<uint32_t>(bp);
+  }
   while (m > 1) {
     uint32_t best = kNoRank;
     size_t bi = 0;
@@ -631,79 +750,84 @@ void Encoder::bpe_large(const unsigned char* s, size_t n, std::vector<uint32_t>&
   for (uint32_t i = 0; i != kNone; i = next[i]) out.push_back(sym[i]);
 }
 
-namespace {
-
-// Per-thread cache of recent pieces -> ids. Text is Zipfian: a few thousand pieces (" the", "\n    ",
-// "的") make up most of it, and hitting this small table avoids both the BPE and the cache misses of
-// the vocabulary-sized hash tables. Entries carry the encoder's uid, so encoders never see each
-// other's entries and nothing needs clearing.
-struct PieceCache {
-  static constexpr size_t kEntries = 8192;
-  static constexpr size_t kMaxBytes = 64;
-  static constexpr size_t kMaxIds = 10;
-  struct Entry {
-    uint64_t hash;
-    uint32_t owner;  // 0: empty
-    uint8_t len;
-    uint8_t nids;
-    uint8_t pad[2];
-    uint32_t ids[kMaxIds];
-    unsigned char bytes[kMaxBytes];
-  };  // 120 bytes: two cache lines
-  Entry entries[kEntries];
-};
-
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-
-PieceCache& thread_cache() {
-  // Heap-allocated: a 1 MiB thread_local array would not fit the static TLS of a dlopen()ed module.
-  // calloc of this size maps fresh zero pages, so a short-lived batch worker pays only for the
-  // entries it touches.
-  static thread_local std::unique_ptr<PieceCache, FreeDeleter> cache;
-  if (!cache) {
-    cache.reset(static_cast<PieceCache*>(std::calloc(1, sizeof(PieceCache))));
-    if (!cache) throw std::bad_alloc();
-  }
-  return *cache;
-}
-
-}  // namespace
-
-void Encoder::encode_span(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
+template <Pattern P>
+void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
+  if (n == 0) return;
   PieceCache& cache = thread_cache();
-  size_t i = 0;
-  while (i < n) {
-    const size_t e = next_piece(pattern_, s, n, i);
-    const size_t len = e - i;
-    const unsigned char* p = s + i;
-    i = e;
+  auto cacheable = [](size_t len) { return len >= 2 && len <= PieceCache::kMaxBytes; };
+  auto set_of = [&](uint64_t h) { return &cache.entries[(h >> 20) & (PieceCache::kEntries - 2)]; };
+  // Software pipeline: the next piece is split off and its cache set prefetched before the current
+  // piece is looked up, so the (L2/L3) latency of the cache overlaps the pre-tokenizer's work.
+  size_t b = 0;
+  size_t e = piece::next(P, s, n, 0);
+  uint64_t h = cacheable(e) ? hash_bytes(s, e) : 0;
+  while (b < n) {
+    const size_t nb = e;
+    size_t ne = nb;
+    uint64_t nh = 0;
+    if (nb < n) {
+      ne = piece::next(P, s, n, nb);
+      if (cacheable(ne - nb)) {
+        nh = hash_bytes(s + nb, ne - nb);
+        const PieceCache::Entry* ns = set_of(nh);
+        __builtin_prefetch(ns);
+        __builtin_prefetch(ns + 1);
+      }
+    }
+    const unsigned char* p = s + b;
+    const size_t len = e - b;
+    b = nb;
+    e = ne;
+    const uint64_t ph = h;
+    h = nh;
     if (len == 1) {
       if (byte_present_[p[0]]) out.push_back(byte_id_[p[0]]);
       continue;
     }
-    if (len > PieceCache::kMaxBytes) {
+    if (!cacheable(len)) {
       bpe(p, len, out);
       continue;
     }
-    const uint64_t h = hash_bytes(p, len);
-    PieceCache::Entry& entry = cache.entries[(h >> 20) & (PieceCache::kEntries - 1)];
-    if (entry.hash == h && entry.owner == uid_ && entry.len == len && std::memcmp(entry.bytes, p, len) == 0) {
-      out.insert(out.end(), entry.ids, entry.ids + entry.nids);
+    // Two-way set: the pair of entries at an even index; a new piece goes into way 0, pushing the
+    // older one to way 1 (so a piece survives one conflicting newcomer).
+    PieceCache::Entry* set = set_of(ph);
+    const PieceCache::Entry* hit = nullptr;
+    if (set[0].hash == ph && set[0].owner == uid_ && set[0].len == len && same_short(set[0].bytes, p, len)) {
+      hit = &set[0];
+    } else if (set[1].hash == ph && set[1].owner == uid_ && set[1].len == len && same_short(set[1].bytes, p, len)) {
+      hit = &set[1];
+    }
+    if (hit) {
+      if (hit->nids == 1) {
+        out.push_back(hit->ids[0]);
+      } else {
+        out.insert(out.end(), hit->ids, hit->ids + hit->nids);
+      }
       continue;
     }
+    PieceCache::Entry& entry = set[0];
+    if (entry.owner) set[1] = entry;
     const size_t before = out.size();
-    bpe_hashed(p, len, h, out);
+    bpe_hashed(p, len, ph, out);
     const size_t produced = out.size() - before;
     if (produced <= PieceCache::kMaxIds) {
-      entry.hash = h;
+      entry.hash = ph;
       entry.owner = uid_;
       entry.len = static_cast<uint8_t>(len);
       entry.nids = static_cast<uint8_t>(produced);
       std::memcpy(entry.ids, out.data() + before, produced * sizeof(uint32_t));
       std::memcpy(entry.bytes, p, len);
+    } else {
+      entry.owner = 0;
     }
+  }
+}
+
+void Encoder::encode_span(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
+  switch (pattern_) {
+    case Pattern::kGpt2: return encode_span_t<Pattern::kGpt2>(s, n, out);
+    case Pattern::kCl100k: return encode_span_t<Pattern::kCl100k>(s, n, out);
+    case Pattern::kO200k: return encode_span_t<Pattern::kO200k>(s, n, out);
   }
 }
 

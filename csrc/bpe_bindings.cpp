@@ -171,7 +171,7 @@ PYBIND11_MODULE(_bpe, m) {
         return out;
       },
       py::arg("text"), py::arg("pattern"),
-      "Split text into pieces with a built-in pattern ('gpt2', 'cl100k', 'o200k'), as the regex would.");
+      "Split text into pieces with a built-in pattern ('gpt2', 'cl100k', 'o200k', 'llama3', 'qwen2'), as the regex would.");
 
   m.def("char_flags_table", []() {
         std::string t(0x110000, '\0');
@@ -301,6 +301,8 @@ PYBIND11_MODULE(_bpe, m) {
       .def_property_readonly("vocab_size", &Encoder::vocab_size)
       .def_property_readonly("num_merges", &Encoder::num_merges)
       .def_property_readonly("pattern", [](const Encoder& e) { return std::string(sparrow::bpe::pattern_name(e.pattern())); })
+      .def_property_readonly("normalizer", [](const Encoder& e) { return e.normalizer(); },
+                             "'' or 'NFC' (tokenizer.json normalizer the caller applies before encoding)")
       .def_property_readonly("special_tokens", [](const Encoder& e) {
             py::list out;
             for (const auto& s : e.specials()) out.append(py::make_tuple(py::str(s.text), s.id, s.special));

@@ -315,22 +315,100 @@ bool null_or_empty(const json::Value* v) {
   return !v || v->is_null() || (v->type == json::Value::kString && v->str.empty());
 }
 
-void check_pre_tokenizer(const json::Value* pt) {
-  if (!pt || pt->is_null())
-    throw FormatError("tokenizer.json: no pre_tokenizer; only byte-level BPE (ByteLevel pre-tokenizer) is supported");
-  const json::Value* type = pt->get("type");
-  std::string t = type && type->type == json::Value::kString ? type->str : "";
-  if (t == "Sequence") {
-    const json::Value* list = pt->get("pretokenizers");
-    if (list && list->type == json::Value::kArray && list->items.size() == 1) return check_pre_tokenizer(&list->items[0]);
-    throw FormatError("tokenizer.json: unsupported pre_tokenizer Sequence (only [ByteLevel] is supported)");
-  }
-  if (t != "ByteLevel") throw FormatError("tokenizer.json: unsupported pre_tokenizer '" + t + "' (want ByteLevel)");
+std::string type_of(const json::Value* v) {
+  const json::Value* type = v ? v->get("type") : nullptr;
+  return type && type->type == json::Value::kString ? type->str : "";
+}
+
+// The Split regexes of the byte-level tokenizer.json layouts we support, exactly as the files spell
+// them, and the hand-written pattern that splits text as that regex does (tests check each against HF).
+Pattern split_regex_pattern(const std::string& re) {
+  static const std::pair<const char*, Pattern> kKnown[] = {
+      // Llama-3 (and DeepSeek-R1-Distill-Llama, ...)
+      {R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+       Pattern::kLlama3},
+      // Qwen2 / Qwen2.5 / Qwen3
+      {R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+       Pattern::kQwen2},
+      // GPT-OSS (o200k_harmony) and other o200k exports
+      {R"([^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+       Pattern::kO200k},
+      // cl100k exports (tiktoken's pattern; Oniguruma needs the interval without the possessive +)
+      {R"('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s)",
+       Pattern::kCl100k},
+      {R"('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+)",
+       Pattern::kLlama3},  // tiktoken's older cl100k spelling, without \s++$: Llama-3's splits
+      // GPT-2's ByteLevel regex written out as a Split
+      {R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)", Pattern::kGpt2},
+  };
+  for (const auto& k : kKnown)
+    if (re == k.first) return k.second;
+  throw FormatError("tokenizer.json: unsupported pre_tokenizer Split regex '" + re +
+                    "' (supported: the GPT-2, cl100k, o200k/GPT-OSS, Llama-3 and Qwen2 regexes)");
+}
+
+void check_byte_level(const json::Value* pt, bool want_regex) {
   if (truthy(pt->get("add_prefix_space")))
     throw FormatError("tokenizer.json: ByteLevel add_prefix_space=true is not supported");
   const json::Value* use_regex = pt->get("use_regex");
-  if (use_regex && use_regex->type == json::Value::kBool && !use_regex->boolean)
-    throw FormatError("tokenizer.json: ByteLevel use_regex=false is not supported");
+  const bool regex = !(use_regex && use_regex->type == json::Value::kBool && !use_regex->boolean);
+  if (regex != want_regex)
+    throw FormatError(want_regex ? "tokenizer.json: a lone ByteLevel pre_tokenizer with use_regex=false is not supported"
+                                 : "tokenizer.json: ByteLevel use_regex=true after a Split is not supported");
+}
+
+// The pre-tokenizer layouts of byte-level BPE files: ByteLevel (its own GPT-2 regex), or
+// Sequence[Split(regex, Isolated), ByteLevel(use_regex=false)]. Anything else is refused by name.
+Pattern pre_tokenizer_pattern(const json::Value* pt) {
+  if (!pt || pt->is_null())
+    throw FormatError("tokenizer.json: no pre_tokenizer; only byte-level BPE (ByteLevel pre-tokenizer) is supported");
+  const std::string t = type_of(pt);
+  if (t == "ByteLevel") {
+    check_byte_level(pt, true);
+    return Pattern::kGpt2;
+  }
+  if (t == "Sequence") {
+    const json::Value* list = pt->get("pretokenizers");
+    if (!list || list->type != json::Value::kArray) throw FormatError("tokenizer.json: pre_tokenizer Sequence without a list");
+    for (const auto& item : list->items) {
+      const std::string it = type_of(&item);
+      if (it != "Split" && it != "ByteLevel")
+        throw FormatError("tokenizer.json: unsupported pre_tokenizer '" + it + "' in Sequence");
+    }
+    if (list->items.size() == 1) return pre_tokenizer_pattern(&list->items[0]);
+    if (list->items.size() == 2 && type_of(&list->items[0]) == "Split" && type_of(&list->items[1]) == "ByteLevel") {
+      const json::Value& split = list->items[0];
+      const json::Value* behavior = split.get("behavior");
+      if (!behavior || behavior->type != json::Value::kString || behavior->str != "Isolated")
+        throw FormatError("tokenizer.json: unsupported Split behavior '" +
+                          (behavior && behavior->type == json::Value::kString ? behavior->str : std::string("?")) +
+                          "' (only Isolated)");
+      if (truthy(split.get("invert"))) throw FormatError("tokenizer.json: unsupported Split invert=true");
+      const json::Value* pattern = split.get("pattern");
+      const json::Value* regex = pattern ? pattern->get("Regex") : nullptr;
+      if (!regex || regex->type != json::Value::kString)
+        throw FormatError("tokenizer.json: unsupported Split pattern (only a Regex pattern is supported)");
+      check_byte_level(&list->items[1], false);
+      return split_regex_pattern(regex->str);
+    }
+    throw FormatError("tokenizer.json: unsupported pre_tokenizer Sequence layout (supported: [ByteLevel] and "
+                      "[Split, ByteLevel(use_regex=false)])");
+  }
+  throw FormatError("tokenizer.json: unsupported pre_tokenizer '" + t + "'");
+}
+
+// The normalizer: none, NFC (Qwen2/3) or NFKC, which the Python layer applies; others are refused by name.
+std::string normalizer_name(const json::Value* nz) {
+  if (!nz || nz->is_null()) return "";
+  const std::string t = type_of(nz);
+  if (t == "NFC" || t == "NFKC") return t;
+  if (t == "Sequence") {
+    const json::Value* list = nz->get("normalizers");
+    if (list && list->type == json::Value::kArray && list->items.empty()) return "";
+    if (list && list->type == json::Value::kArray && list->items.size() == 1) return normalizer_name(&list->items[0]);
+    throw FormatError("tokenizer.json: unsupported normalizer Sequence (only empty or a single NFC / NFKC)");
+  }
+  throw FormatError("tokenizer.json: unsupported normalizer '" + t + "'");
 }
 
 int b64val(unsigned char c) {
@@ -382,9 +460,8 @@ std::unique_ptr<Encoder> Encoder::from_hf_json(std::string_view text) {
   if (dropout && !dropout->is_null()) throw FormatError("tokenizer.json: BPE dropout is not supported");
   if (!null_or_empty(model->get("continuing_subword_prefix")) || !null_or_empty(model->get("end_of_word_suffix")))
     throw FormatError("tokenizer.json: continuing_subword_prefix / end_of_word_suffix are not supported");
-  const json::Value* normalizer = doc.get("normalizer");
-  if (normalizer && !normalizer->is_null()) throw FormatError("tokenizer.json: normalizers are not supported");
-  check_pre_tokenizer(doc.get("pre_tokenizer"));
+  const std::string normalizer = normalizer_name(doc.get("normalizer"));
+  const Pattern pattern = pre_tokenizer_pattern(doc.get("pre_tokenizer"));
 
   const json::Value* vocab = model->get("vocab");
   const json::Value* merges = model->get("merges");
@@ -392,7 +469,8 @@ std::unique_ptr<Encoder> Encoder::from_hf_json(std::string_view text) {
   if (!merges || merges->type != json::Value::kArray) throw FormatError("tokenizer.json: model.merges is not a list");
 
   std::unique_ptr<Encoder> enc(new Encoder);
-  enc->pattern_ = Pattern::kGpt2;
+  enc->pattern_ = pattern;
+  enc->normalizer_ = normalizer;
   enc->whole_piece_lookup_ = truthy(model->get("ignore_merges"));
   const json::Value* added_list = doc.get("added_tokens");
   enc->id_limit_ = vocab->members.size() + (added_list ? added_list->items.size() : 0) + kIdSlack;
@@ -828,6 +906,8 @@ void Encoder::encode_span(const unsigned char* s, size_t n, std::vector<uint32_t
     case Pattern::kGpt2: return encode_span_t<Pattern::kGpt2>(s, n, out);
     case Pattern::kCl100k: return encode_span_t<Pattern::kCl100k>(s, n, out);
     case Pattern::kO200k: return encode_span_t<Pattern::kO200k>(s, n, out);
+    case Pattern::kLlama3: return encode_span_t<Pattern::kLlama3>(s, n, out);
+    case Pattern::kQwen2: return encode_span_t<Pattern::kQwen2>(s, n, out);
   }
 }
 

@@ -77,6 +77,10 @@ class Encoder {
   int64_t token_id(std::string_view bytes) const;
   const std::vector<SpecialToken>& specials() const { return specials_; }
   Pattern pattern() const { return pattern_; }
+  // "" or "NFC": the tokenizer.json normalizer, which callers must apply to text before encoding (the
+  // Python layer does; added tokens with normalized=false are matched in the raw text all the same
+  // when the text is already normalized, the only case it lets through).
+  const std::string& normalizer() const { return normalizer_; }
   size_t num_merges() const { return num_merges_; }
 
  private:
@@ -98,6 +102,7 @@ class Encoder {
   std::pair<size_t, size_t> find_special(std::string_view text, size_t from, const std::vector<char>& usable) const;
 
   Pattern pattern_ = Pattern::kGpt2;
+  std::string normalizer_;
   bool whole_piece_lookup_ = false;
   std::vector<std::string> id_bytes_;
   std::vector<uint8_t> id_kind_;  // 0 missing, 1 regular, 2 added/special

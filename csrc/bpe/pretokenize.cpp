@@ -12,7 +12,9 @@ Pattern pattern_from_name(const std::string& name) {
     return Pattern::kGpt2;
   if (name == "cl100k" || name == "cl100k_base") return Pattern::kCl100k;
   if (name == "o200k" || name == "o200k_base") return Pattern::kO200k;
-  throw std::invalid_argument("unknown split pattern '" + name + "' (known: gpt2, cl100k, o200k)");
+  if (name == "llama3") return Pattern::kLlama3;
+  if (name == "qwen2") return Pattern::kQwen2;
+  throw std::invalid_argument("unknown split pattern '" + name + "' (known: gpt2, cl100k, o200k, llama3, qwen2)");
 }
 
 const char* pattern_name(Pattern p) {
@@ -20,6 +22,8 @@ const char* pattern_name(Pattern p) {
     case Pattern::kGpt2: return "gpt2";
     case Pattern::kCl100k: return "cl100k";
     case Pattern::kO200k: return "o200k";
+    case Pattern::kLlama3: return "llama3";
+    case Pattern::kQwen2: return "qwen2";
   }
   return "?";
 }

@@ -133,7 +133,12 @@ SPARROW_INLINE size_t gpt2_piece(const unsigned char* s, size_t n, size_t i) {
   return space_tail(r, n, i, c.len);
 }
 
-SPARROW_INLINE size_t cl100k_piece(const unsigned char* s, size_t n, size_t i) {
+// cl100k and the patterns that Llama-3 and Qwen2 ship in tokenizer.json, which differ from it in two
+// places only: no `\s++$` alternative (kTrailingRun false) and, for Qwen2, `\p{N}` instead of
+// `\p{N}{1,3}` (kMaxDigits 1). Their non-possessive forms match the same text as cl100k's possessive
+// ones (no alternative after them can succeed where the possessive one failed).
+template <bool kTrailingRun, int kMaxDigits>
+SPARROW_INLINE size_t cl100k_like_piece(const unsigned char* s, size_t n, size_t i) {
   Ch c = at(s, n, i);
   if (c.cp == '\'') {
     if (size_t e = contraction(s, n, i, true)) return e;
@@ -146,7 +151,7 @@ SPARROW_INLINE size_t cl100k_piece(const unsigned char* s, size_t n, size_t i) {
   }
   if (c.f & kNumber) {
     size_t e = i + c.len;
-    for (int k = 1; k < 3 && e < n; ++k) {
+    for (int k = 1; k < kMaxDigits && e < n; ++k) {
       Ch d = at(s, n, e);
       if (!(d.f & kNumber)) break;
       e += d.len;
@@ -165,7 +170,7 @@ SPARROW_INLINE size_t cl100k_piece(const unsigned char* s, size_t n, size_t i) {
     return e;
   }
   SpaceRun r = space_run(s, n, i);
-  if (r.end == n) return n;             // \s++$
+  if (kTrailingRun && r.end == n) return n;  // \s++$
   if (r.newline_end) return r.newline_end;  // \s*[\r\n]
   return space_tail(r, n, i, c.len);    // \s+(?!\S)|\s
 }
@@ -252,7 +257,9 @@ SPARROW_INLINE size_t o200k_piece(const unsigned char* s, size_t n, size_t i) {
 SPARROW_INLINE size_t next(Pattern p, const unsigned char* s, size_t n, size_t i) {
   switch (p) {
     case Pattern::kGpt2: return gpt2_piece(s, n, i);
-    case Pattern::kCl100k: return cl100k_piece(s, n, i);
+    case Pattern::kCl100k: return cl100k_like_piece<true, 3>(s, n, i);
+    case Pattern::kLlama3: return cl100k_like_piece<false, 3>(s, n, i);
+    case Pattern::kQwen2: return cl100k_like_piece<false, 1>(s, n, i);
     case Pattern::kO200k: return o200k_piece(s, n, i);
   }
   return n;

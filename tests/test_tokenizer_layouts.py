@@ -189,7 +189,13 @@ def test_added_token_strip_flags_refused_by_name(tmp_path):
 @settings(max_examples=200, deadline=None)
 @given(text=TEXT)
 def test_family_pretokenizers_match_their_regex(name, text):
+    # As in test_tokenizer_encoder: `regex` has its own Unicode database, so only code points assigned by
+    # Python's (Unicode 14) are compared here; the HF comparisons above cover the rest.
     regex = pytest.importorskip("regex")
+    import unicodedata
+
+    if any(unicodedata.category(c) == "Cn" for c in text):
+        return
     from sparrow import _bpe
     from sparrow.tokenizer import PATTERNS
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import gc
 import hashlib
 import json
 import os
@@ -203,6 +204,10 @@ def worker(lib: str, vocab: str, text: str, data: Path, warm: int) -> dict:
     except (LookupError, ImportError) as exc:
         return {"skipped": str(exc)}
     encode(WARMUP)
+    # Python's cyclic GC would otherwise run during the timed passes, walking every object the imports made
+    # (torch among them) in time that belongs to no encoder; off for every library alike.
+    gc.collect()
+    gc.disable()
     w, c = time.perf_counter(), _cpu()
     ids = [encode(d) for d in docs]
     wall, cpu = time.perf_counter() - w, _cpu() - c

@@ -628,7 +628,7 @@ namespace {
 // other's entries and nothing needs clearing. One entry is one 64-byte cache line: pieces up to 24
 // bytes with up to 6 ids (nearly all pieces of real text); longer ones go straight to the tables.
 struct PieceCache {
-  static constexpr size_t kEntries = 16384;  // 1 MiB
+  static constexpr size_t kEntries = 65536;  // 4 MiB: holds the distinct pieces of megabytes of text
   static constexpr size_t kMaxBytes = 24;
   static constexpr size_t kMaxIds = 6;
   struct alignas(64) Entry {
@@ -657,20 +657,21 @@ struct PieceCache {
   PairEntry pairs[kPairs];
 };
 
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
+// calloc'd (aligned by hand: calloc gives 16-byte alignment): for a block this size it maps fresh zero
+// pages, so a short-lived batch worker pays only for the entries it touches, not a 4 MiB memset.
+struct CacheDeleter {
+  void* base;
+  void operator()(PieceCache*) const { std::free(base); }
 };
 
 PieceCache& thread_cache() {
-  // Heap-allocated: a 1 MiB thread_local array would not fit the static TLS of a dlopen()ed module.
-  // calloc of this size maps fresh zero pages, so a short-lived batch worker pays only for the
-  // entries it touches.
-  static thread_local std::unique_ptr<PieceCache, FreeDeleter> cache;
+  // Heap-allocated: a 4 MiB thread_local array would not fit the static TLS of a dlopen()ed module.
+  static thread_local std::unique_ptr<PieceCache, CacheDeleter> cache(nullptr, CacheDeleter{nullptr});
   if (!cache) {
-    void* mem = nullptr;
-    if (posix_memalign(&mem, 64, sizeof(PieceCache)) != 0 || !mem) throw std::bad_alloc();
-    std::memset(mem, 0, sizeof(PieceCache));
-    cache.reset(static_cast<PieceCache*>(mem));
+    void* base = std::calloc(1, sizeof(PieceCache) + 64);
+    if (!base) throw std::bad_alloc();
+    const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t{63};
+    cache = std::unique_ptr<PieceCache, CacheDeleter>(reinterpret_cast<PieceCache*>(aligned), CacheDeleter{base});
   }
   return *cache;
 }
@@ -758,15 +759,13 @@ void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::v
     merged[i] = static_cast<uint32_t>(bp);
   }
   while (m > 1) {
+    // The smallest rank (a branch-free reduction the compiler vectorizes), then its leftmost position:
+    // the leftmost of equal ranks wins, as in tiktoken and HF.
     uint32_t best = kNoRank;
-    size_t bi = 0;
-    for (size_t i = 0; i + 1 < m; ++i) {
-      if (rank[i] < best) {  // strict: the leftmost of equal ranks wins, as in tiktoken and HF
-        best = rank[i];
-        bi = i;
-      }
-    }
+    for (size_t i = 0; i + 1 < m; ++i) best = rank[i] < best ? rank[i] : best;
     if (best == kNoRank) break;
+    size_t bi = 0;
+    while (rank[bi] != best) ++bi;
     sym[bi] = merged[bi];
     const size_t tail = m - bi - 2;  // symbols after the removed one
     std::memmove(sym + bi + 1, sym + bi + 2, tail * sizeof(uint32_t));
@@ -834,69 +833,72 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
   PieceCache& cache = thread_cache();
   auto cacheable = [](size_t len) { return len >= 2 && len <= PieceCache::kMaxBytes; };
   auto set_of = [&](uint64_t h) { return &cache.entries[(h >> 20) & (PieceCache::kEntries - 2)]; };
-  // Software pipeline: the next piece is split off and its cache set prefetched before the current
-  // piece is looked up, so the (L2/L3) latency of the cache overlaps the pre-tokenizer's work.
-  size_t b = 0;
-  size_t e = piece::next(P, s, n, 0);
-  uint64_t h = cacheable(e) ? hash_bytes(s, e) : 0;
-  while (b < n) {
-    const size_t nb = e;
-    size_t ne = nb;
-    uint64_t nh = 0;
-    if (nb < n) {
-      ne = piece::next(P, s, n, nb);
-      if (cacheable(ne - nb)) {
-        nh = hash_bytes(s + nb, ne - nb);
-        const PieceCache::Entry* ns = set_of(nh);
-        __builtin_prefetch(ns);
-        __builtin_prefetch(ns + 1);
+  // Batches of pieces: the pre-tokenizer splits off up to kBatch pieces, hashing each and prefetching
+  // its cache set, before any of them is looked up. The cache (4 MiB) lives in L3, or DRAM when other
+  // processes crowd the L3; with a batch in flight those misses overlap instead of adding up.
+  constexpr size_t kBatch = 16;
+  size_t bounds[kBatch + 1];
+  uint64_t hashes[kBatch];
+  size_t i = 0;
+  while (i < n) {
+    size_t k = 0;
+    bounds[0] = i;
+    while (k < kBatch && i < n) {
+      const size_t e = piece::next(P, s, n, i);
+      if (cacheable(e - i)) {
+        const uint64_t h = hash_bytes(s + i, e - i);
+        const PieceCache::Entry* set = set_of(h);
+        __builtin_prefetch(set);
+        __builtin_prefetch(set + 1);
+        hashes[k] = h;
       }
+      i = e;
+      bounds[++k] = e;
     }
-    const unsigned char* p = s + b;
-    const size_t len = e - b;
-    b = nb;
-    e = ne;
-    const uint64_t ph = h;
-    h = nh;
-    if (len == 1) {
-      if (byte_present_[p[0]]) out.push_back(byte_id_[p[0]]);
-      continue;
-    }
-    if (!cacheable(len)) {
-      bpe(p, len, out);
-      continue;
-    }
-    // Two-way set: the pair of entries at an even index; a new piece goes into way 0, pushing the
-    // older one to way 1 (so a piece survives one conflicting newcomer).
-    PieceCache::Entry* set = set_of(ph);
-    const PieceCache::Entry* hit = nullptr;
-    if (set[0].hash == ph && set[0].owner == uid_ && set[0].len == len && same_short(set[0].bytes, p, len)) {
-      hit = &set[0];
-    } else if (set[1].hash == ph && set[1].owner == uid_ && set[1].len == len && same_short(set[1].bytes, p, len)) {
-      hit = &set[1];
-    }
-    if (hit) {
-      if (hit->nids == 1) {
-        out.push_back(hit->ids[0]);
+    for (size_t q = 0; q < k; ++q) {
+      const unsigned char* p = s + bounds[q];
+      const size_t len = bounds[q + 1] - bounds[q];
+      if (len == 1) {
+        if (byte_present_[p[0]]) out.push_back(byte_id_[p[0]]);
+        continue;
+      }
+      if (!cacheable(len)) {
+        bpe(p, len, out);
+        continue;
+      }
+      const uint64_t ph = hashes[q];
+      // Two-way set: the pair of entries at an even index; a new piece goes into way 0, pushing the
+      // older one to way 1 (so a piece survives one conflicting newcomer).
+      PieceCache::Entry* set = set_of(ph);
+      const PieceCache::Entry* hit = nullptr;
+      if (set[0].hash == ph && set[0].owner == uid_ && set[0].len == len && same_short(set[0].bytes, p, len)) {
+        hit = &set[0];
+      } else if (set[1].hash == ph && set[1].owner == uid_ && set[1].len == len && same_short(set[1].bytes, p, len)) {
+        hit = &set[1];
+      }
+      if (hit) {
+        if (hit->nids == 1) {
+          out.push_back(hit->ids[0]);
+        } else {
+          out.insert(out.end(), hit->ids, hit->ids + hit->nids);
+        }
+        continue;
+      }
+      PieceCache::Entry& entry = set[0];
+      if (entry.owner) set[1] = entry;
+      const size_t before = out.size();
+      bpe_hashed(p, len, ph, out);
+      const size_t produced = out.size() - before;
+      if (produced <= PieceCache::kMaxIds) {
+        entry.hash = ph;
+        entry.owner = uid_;
+        entry.len = static_cast<uint8_t>(len);
+        entry.nids = static_cast<uint8_t>(produced);
+        std::memcpy(entry.ids, out.data() + before, produced * sizeof(uint32_t));
+        std::memcpy(entry.bytes, p, len);
       } else {
-        out.insert(out.end(), hit->ids, hit->ids + hit->nids);
+        entry.owner = 0;
       }
-      continue;
-    }
-    PieceCache::Entry& entry = set[0];
-    if (entry.owner) set[1] = entry;
-    const size_t before = out.size();
-    bpe_hashed(p, len, ph, out);
-    const size_t produced = out.size() - before;
-    if (produced <= PieceCache::kMaxIds) {
-      entry.hash = ph;
-      entry.owner = uid_;
-      entry.len = static_cast<uint8_t>(len);
-      entry.nids = static_cast<uint8_t>(produced);
-      std::memcpy(entry.ids, out.data() + before, produced * sizeof(uint32_t));
-      std::memcpy(entry.bytes, p, len);
-    } else {
-      entry.owner = 0;
     }
   }
 }

@@ -118,9 +118,9 @@ def build_texts(nbytes: int) -> tuple[dict[str, list[str]], list[str]]:
     sites = sorted({Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()})
     site_files = [f for site in sites for f in sorted(site.rglob("*.py"))]
     prose = [t.strip() for _, t in sorted(topics.items()) if t.strip()]
-    prose += _docstrings(site_files, 2 * nbytes)
-    if sum(len(d.encode()) for d in prose) < 2 * nbytes:
-        prose += _docstrings(code_files, 2 * nbytes)
+    prose += _docstrings(site_files, 3 * nbytes)
+    if sum(len(d.encode()) for d in prose) < 3 * nbytes:
+        prose += _docstrings(code_files, 3 * nbytes)
     code = []
     size = 0
     for p in code_files:
@@ -141,7 +141,7 @@ def build_texts(nbytes: int) -> tuple[dict[str, list[str]], list[str]]:
     mixed_src = [prose[n[0]:], chinese[n[2]:], code[n[1]:]]
     mixed, size, k = [], 0, 0
     while size < nbytes and all(k < len(s) for s in mixed_src):
-        doc = "\n\n".join(s[k][:2000] for s in mixed_src)
+        doc = "\n\n".join(s[k][:1500] for s in mixed_src)
         mixed.append(doc)
         size += len(doc.encode())
         k += 1

@@ -138,7 +138,9 @@ def build_texts(nbytes: int) -> tuple[dict[str, list[str]], list[str]]:
     # Every text gets its own slice, the training text another one.
     texts = {"prose": _take(prose, nbytes), "code": _take(code, nbytes), "chinese": _take(chinese, nbytes)}
     n = [len(texts[k]) for k in ("prose", "code", "chinese")]
-    mixed_src = [prose[n[0]:], chinese[n[2]:], code[n[1]:]]
+    # Code files are long: cut the rest of them into pieces, so that each mixed document gets its own.
+    code_rest = [f[i:i + 1500] for f in code[n[1]:] for i in range(0, len(f), 1500)]
+    mixed_src = [prose[n[0]:], chinese[n[2]:], code_rest]
     mixed, size, k = [], 0, 0
     while size < nbytes and all(k < len(s) for s in mixed_src):
         doc = "\n\n".join(s[k][:1500] for s in mixed_src)

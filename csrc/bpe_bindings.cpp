@@ -82,16 +82,32 @@ std::unique_ptr<Encoder> with_id_objects(std::unique_ptr<Encoder> e) {
   return e;
 }
 
+uint32_t to_id(PyObject* h, size_t vocab_size) {
+  long long v = PyLong_AsLongLong(h);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (v < 0 || static_cast<unsigned long long>(v) >= vocab_size)
+    throw py::index_error("token id " + std::to_string(v) + " is out of range (vocab size " + std::to_string(vocab_size) + ")");
+  return static_cast<uint32_t>(v);
+}
+
 std::vector<uint32_t> to_ids(const py::iterable& ids, size_t vocab_size) {
   std::vector<uint32_t> out;
-  if (PyList_Check(ids.ptr()) || PyTuple_Check(ids.ptr())) out.reserve(static_cast<size_t>(py::len(ids)));
-  for (const auto& h : ids) {
-    long long v = PyLong_AsLongLong(h.ptr());
-    if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
-    if (v < 0 || static_cast<unsigned long long>(v) >= vocab_size)
-      throw py::index_error("token id " + std::to_string(v) + " is out of range (vocab size " + std::to_string(vocab_size) + ")");
-    out.push_back(static_cast<uint32_t>(v));
+  if (PyList_Check(ids.ptr()) || PyTuple_Check(ids.ptr())) {
+    // Lists and tuples (what encode returns) are read by index, without the iterator protocol.
+    PyObject* seq = ids.ptr();
+    const bool list = PyList_Check(seq);
+    const Py_ssize_t n = list ? PyList_GET_SIZE(seq) : PyTuple_GET_SIZE(seq);
+    out.resize(static_cast<size_t>(n));
+    bool exact = true;  // only exact ints: converting anything else may run Python code that edits the list
+    for (Py_ssize_t i = 0; i < n && exact; ++i) {
+      PyObject* h = list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i);
+      exact = PyLong_CheckExact(h);
+      if (exact) out[static_cast<size_t>(i)] = to_id(h, vocab_size);
+    }
+    if (exact) return out;
+    out.clear();
   }
+  for (const auto& h : ids) out.push_back(to_id(h.ptr(), vocab_size));
   return out;
 }
 

@@ -1003,10 +1003,20 @@ void Encoder::encode_ordinary(std::string_view text, std::vector<uint32_t>& out)
 }
 
 void Encoder::decode(const uint32_t* ids, size_t n, std::string& out) const {
+  // Two passes: validate and size, then copy into one allocation (no regrowth, no per-token append).
+  size_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     const uint32_t id = ids[i];
     if (!has_id(id)) throw std::out_of_range("token id " + std::to_string(id) + " is not in the vocabulary");
-    out += id_bytes_[id];
+    total += id_bytes_[id].size();
+  }
+  const size_t start = out.size();
+  out.resize(start + total);
+  char* dst = &out[start];
+  for (size_t i = 0; i < n; ++i) {
+    const std::string& b = id_bytes_[ids[i]];
+    std::memcpy(dst, b.data(), b.size());
+    dst += b.size();
   }
 }
 

@@ -171,6 +171,11 @@ def load_encoder(lib: str, vocab: str, data: Path):
 
         if vocab == "sparrow":
             tok = fastokens.Tokenizer.from_file(str(trained))
+        elif vocab == "gpt2":  # fastokens has no r50k preset; it loads GPT-2's tokenizer.json
+            path = data / "gpt2-hf.json"
+            if not path.exists():
+                R.hf_gpt2().save(str(path))
+            tok = fastokens.Tokenizer.from_file(str(path))
         else:
             name = TIKTOKEN_NAMES[vocab]
             tok = fastokens.Tokenizer.from_tiktoken(str(R.tiktoken_file(vocab, data)), encoding=name)

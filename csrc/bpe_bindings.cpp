@@ -36,30 +36,78 @@ std::string_view utf8_view(const py::handle& obj) {
   return std::string_view(data, static_cast<size_t>(size));
 }
 
+// Python ints for ids 0..size-1, made once per process and shared by every list we return: building
+// a list of n ids is then n reference-count increments instead of n int allocations (and freeing the
+// list frees no ints). Grown to the largest vocabulary seen; only touched with the GIL held.
+std::vector<PyObject*>& id_objects() {
+  static std::vector<PyObject*> objs;
+  return objs;
+}
+
+void ensure_id_objects(size_t size) {
+  auto& objs = id_objects();
+  objs.reserve(size);
+  while (objs.size() < size) {
+    PyObject* v = PyLong_FromSize_t(objs.size());
+    if (!v) throw py::error_already_set();
+    objs.push_back(v);
+  }
+}
+
 py::list to_list(const std::vector<uint32_t>& ids) {
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(ids.size()));
   if (!list) throw py::error_already_set();
+  const auto& objs = id_objects();
+  const size_t cached = objs.size();
   for (size_t i = 0; i < ids.size(); ++i) {
-    PyObject* v = PyLong_FromUnsignedLong(ids[i]);
-    if (!v) {
-      Py_DECREF(list);
-      throw py::error_already_set();
+    PyObject* v;
+    if (ids[i] < cached) {
+      v = objs[ids[i]];
+      Py_INCREF(v);
+    } else {
+      v = PyLong_FromUnsignedLong(ids[i]);
+      if (!v) {
+        Py_DECREF(list);
+        throw py::error_already_set();
+      }
     }
     PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), v);
   }
   return py::reinterpret_steal<py::list>(list);
 }
 
+// Loaders hand encoders to Python through this, so that their ids have shared int objects.
+std::unique_ptr<Encoder> with_id_objects(std::unique_ptr<Encoder> e) {
+  ensure_id_objects(e->vocab_size());
+  return e;
+}
+
+uint32_t to_id(PyObject* h, size_t vocab_size) {
+  long long v = PyLong_AsLongLong(h);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (v < 0 || static_cast<unsigned long long>(v) >= vocab_size)
+    throw py::index_error("token id " + std::to_string(v) + " is out of range (vocab size " + std::to_string(vocab_size) + ")");
+  return static_cast<uint32_t>(v);
+}
+
 std::vector<uint32_t> to_ids(const py::iterable& ids, size_t vocab_size) {
   std::vector<uint32_t> out;
-  if (PyList_Check(ids.ptr()) || PyTuple_Check(ids.ptr())) out.reserve(static_cast<size_t>(py::len(ids)));
-  for (const auto& h : ids) {
-    long long v = PyLong_AsLongLong(h.ptr());
-    if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
-    if (v < 0 || static_cast<unsigned long long>(v) >= vocab_size)
-      throw py::index_error("token id " + std::to_string(v) + " is out of range (vocab size " + std::to_string(vocab_size) + ")");
-    out.push_back(static_cast<uint32_t>(v));
+  if (PyList_Check(ids.ptr()) || PyTuple_Check(ids.ptr())) {
+    // Lists and tuples (what encode returns) are read by index, without the iterator protocol.
+    PyObject* seq = ids.ptr();
+    const bool list = PyList_Check(seq);
+    const Py_ssize_t n = list ? PyList_GET_SIZE(seq) : PyTuple_GET_SIZE(seq);
+    out.resize(static_cast<size_t>(n));
+    bool exact = true;  // only exact ints: converting anything else may run Python code that edits the list
+    for (Py_ssize_t i = 0; i < n && exact; ++i) {
+      PyObject* h = list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i);
+      exact = PyLong_CheckExact(h);
+      if (exact) out[static_cast<size_t>(i)] = to_id(h, vocab_size);
+    }
+    if (exact) return out;
+    out.clear();
   }
+  for (const auto& h : ids) out.push_back(to_id(h.ptr(), vocab_size));
   return out;
 }
 
@@ -139,7 +187,7 @@ PYBIND11_MODULE(_bpe, m) {
         return out;
       },
       py::arg("text"), py::arg("pattern"),
-      "Split text into pieces with a built-in pattern ('gpt2', 'cl100k', 'o200k'), as the regex would.");
+      "Split text into pieces with a built-in pattern ('gpt2', 'cl100k', 'o200k', 'llama3', 'qwen2'), as the regex would.");
 
   m.def("char_flags_table", []() {
         std::string t(0x110000, '\0');
@@ -154,16 +202,24 @@ PYBIND11_MODULE(_bpe, m) {
   py::class_<Encoder>(m, "Encoder")
       .def_static("from_hf_json", [](py::bytes data) {
             std::string s = data;
-            py::gil_scoped_release nogil;
-            return Encoder::from_hf_json(s);
+            std::unique_ptr<Encoder> e;
+            {
+              py::gil_scoped_release nogil;
+              e = Encoder::from_hf_json(s);
+            }
+            return with_id_objects(std::move(e));
           }, py::arg("contents"))
       .def_static("from_tiktoken", [](py::bytes data, const std::string& pattern, const std::map<std::string, uint32_t>& specials) {
             std::string s = data;
             const Pattern p = sparrow::bpe::pattern_from_name(pattern);
             std::vector<std::pair<std::string, uint32_t>> sp(specials.begin(), specials.end());
             std::sort(sp.begin(), sp.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
-            py::gil_scoped_release nogil;
-            return Encoder::from_tiktoken(s, p, sp);
+            std::unique_ptr<Encoder> e;
+            {
+              py::gil_scoped_release nogil;
+              e = Encoder::from_tiktoken(s, p, sp);
+            }
+            return with_id_objects(std::move(e));
           }, py::arg("contents"), py::arg("pattern"), py::arg("special_tokens"))
       .def("encode_ordinary", [](const Encoder& e, py::handle text) {
             std::string_view s = utf8_view(text);
@@ -261,6 +317,8 @@ PYBIND11_MODULE(_bpe, m) {
       .def_property_readonly("vocab_size", &Encoder::vocab_size)
       .def_property_readonly("num_merges", &Encoder::num_merges)
       .def_property_readonly("pattern", [](const Encoder& e) { return std::string(sparrow::bpe::pattern_name(e.pattern())); })
+      .def_property_readonly("normalizer", [](const Encoder& e) { return e.normalizer(); },
+                             "'' or 'NFC' (tokenizer.json normalizer the caller applies before encoding)")
       .def_property_readonly("special_tokens", [](const Encoder& e) {
             py::list out;
             for (const auto& s : e.specials()) out.append(py::make_tuple(py::str(s.text), s.id, s.special));

@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "bpe/json.h"
+#include "bpe/pretokenize_impl.h"
 #include "bpe/unicode.h"
 
 namespace sparrow::bpe {
@@ -238,6 +239,29 @@ void Encoder::finish(const std::vector<SpecialToken>& specials) {
     }
     if (t_->trie[node].special < 0) t_->trie[node].special = static_cast<int>(k);
   }
+  byte_pairs_.assign(size_t{1} << 16, static_cast<uint64_t>(kNoRank) << 32);
+  for (int a = 0; a < 256; ++a) {
+    if (!byte_present_[a]) continue;
+    for (int b = 0; b < 256; ++b) {
+      if (!byte_present_[b]) continue;
+      if (const Tables::PairSlot* p = t_->find_pair(byte_id_[a], byte_id_[b]))
+        byte_pairs_[(a << 8) | b] = (static_cast<uint64_t>(p->rank) << 32) | p->merged;
+    }
+  }
+  if (!whole_piece_lookup_) {
+    // Which tokens BPE turns back into themselves: for those, a piece with the token's bytes can be
+    // answered by one lookup in the token table, with the very ids the merges would give (a token that
+    // BPE cannot reach from its own bytes, as HF-trained vocabularies have, keeps the full BPE).
+    std::vector<uint8_t> self(id_bytes_.size(), 0);
+    std::vector<uint32_t> ids;
+    for (uint32_t id = 0; id < id_bytes_.size(); ++id) {
+      if (id_kind_[id] != 1 || id_bytes_[id].size() < 2) continue;
+      ids.clear();
+      bpe_hashed(reinterpret_cast<const unsigned char*>(id_bytes_[id].data()), id_bytes_[id].size(), 0, ids);
+      self[id] = ids.size() == 1 && ids[0] == id;
+    }
+    self_encoding_ = std::move(self);
+  }
 }
 
 int64_t Encoder::token_id(std::string_view bytes) const {
@@ -291,22 +315,100 @@ bool null_or_empty(const json::Value* v) {
   return !v || v->is_null() || (v->type == json::Value::kString && v->str.empty());
 }
 
-void check_pre_tokenizer(const json::Value* pt) {
-  if (!pt || pt->is_null())
-    throw FormatError("tokenizer.json: no pre_tokenizer; only byte-level BPE (ByteLevel pre-tokenizer) is supported");
-  const json::Value* type = pt->get("type");
-  std::string t = type && type->type == json::Value::kString ? type->str : "";
-  if (t == "Sequence") {
-    const json::Value* list = pt->get("pretokenizers");
-    if (list && list->type == json::Value::kArray && list->items.size() == 1) return check_pre_tokenizer(&list->items[0]);
-    throw FormatError("tokenizer.json: unsupported pre_tokenizer Sequence (only [ByteLevel] is supported)");
-  }
-  if (t != "ByteLevel") throw FormatError("tokenizer.json: unsupported pre_tokenizer '" + t + "' (want ByteLevel)");
+std::string type_of(const json::Value* v) {
+  const json::Value* type = v ? v->get("type") : nullptr;
+  return type && type->type == json::Value::kString ? type->str : "";
+}
+
+// The Split regexes of the byte-level tokenizer.json layouts we support, exactly as the files spell
+// them, and the hand-written pattern that splits text as that regex does (tests check each against HF).
+Pattern split_regex_pattern(const std::string& re) {
+  static const std::pair<const char*, Pattern> kKnown[] = {
+      // Llama-3 (and DeepSeek-R1-Distill-Llama, ...)
+      {R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+       Pattern::kLlama3},
+      // Qwen2 / Qwen2.5 / Qwen3
+      {R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+       Pattern::kQwen2},
+      // GPT-OSS (o200k_harmony) and other o200k exports
+      {R"([^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+)",
+       Pattern::kO200k},
+      // cl100k exports (tiktoken's pattern; Oniguruma needs the interval without the possessive +)
+      {R"('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s)",
+       Pattern::kCl100k},
+      {R"('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+)",
+       Pattern::kLlama3},  // tiktoken's older cl100k spelling, without \s++$: Llama-3's splits
+      // GPT-2's ByteLevel regex written out as a Split
+      {R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)", Pattern::kGpt2},
+  };
+  for (const auto& k : kKnown)
+    if (re == k.first) return k.second;
+  throw FormatError("tokenizer.json: unsupported pre_tokenizer Split regex '" + re +
+                    "' (supported: the GPT-2, cl100k, o200k/GPT-OSS, Llama-3 and Qwen2 regexes)");
+}
+
+void check_byte_level(const json::Value* pt, bool want_regex) {
   if (truthy(pt->get("add_prefix_space")))
     throw FormatError("tokenizer.json: ByteLevel add_prefix_space=true is not supported");
   const json::Value* use_regex = pt->get("use_regex");
-  if (use_regex && use_regex->type == json::Value::kBool && !use_regex->boolean)
-    throw FormatError("tokenizer.json: ByteLevel use_regex=false is not supported");
+  const bool regex = !(use_regex && use_regex->type == json::Value::kBool && !use_regex->boolean);
+  if (regex != want_regex)
+    throw FormatError(want_regex ? "tokenizer.json: a lone ByteLevel pre_tokenizer with use_regex=false is not supported"
+                                 : "tokenizer.json: ByteLevel use_regex=true after a Split is not supported");
+}
+
+// The pre-tokenizer layouts of byte-level BPE files: ByteLevel (its own GPT-2 regex), or
+// Sequence[Split(regex, Isolated), ByteLevel(use_regex=false)]. Anything else is refused by name.
+Pattern pre_tokenizer_pattern(const json::Value* pt) {
+  if (!pt || pt->is_null())
+    throw FormatError("tokenizer.json: no pre_tokenizer; only byte-level BPE (ByteLevel pre-tokenizer) is supported");
+  const std::string t = type_of(pt);
+  if (t == "ByteLevel") {
+    check_byte_level(pt, true);
+    return Pattern::kGpt2;
+  }
+  if (t == "Sequence") {
+    const json::Value* list = pt->get("pretokenizers");
+    if (!list || list->type != json::Value::kArray) throw FormatError("tokenizer.json: pre_tokenizer Sequence without a list");
+    for (const auto& item : list->items) {
+      const std::string it = type_of(&item);
+      if (it != "Split" && it != "ByteLevel")
+        throw FormatError("tokenizer.json: unsupported pre_tokenizer '" + it + "' in Sequence");
+    }
+    if (list->items.size() == 1) return pre_tokenizer_pattern(&list->items[0]);
+    if (list->items.size() == 2 && type_of(&list->items[0]) == "Split" && type_of(&list->items[1]) == "ByteLevel") {
+      const json::Value& split = list->items[0];
+      const json::Value* behavior = split.get("behavior");
+      if (!behavior || behavior->type != json::Value::kString || behavior->str != "Isolated")
+        throw FormatError("tokenizer.json: unsupported Split behavior '" +
+                          (behavior && behavior->type == json::Value::kString ? behavior->str : std::string("?")) +
+                          "' (only Isolated)");
+      if (truthy(split.get("invert"))) throw FormatError("tokenizer.json: unsupported Split invert=true");
+      const json::Value* pattern = split.get("pattern");
+      const json::Value* regex = pattern ? pattern->get("Regex") : nullptr;
+      if (!regex || regex->type != json::Value::kString)
+        throw FormatError("tokenizer.json: unsupported Split pattern (only a Regex pattern is supported)");
+      check_byte_level(&list->items[1], false);
+      return split_regex_pattern(regex->str);
+    }
+    throw FormatError("tokenizer.json: unsupported pre_tokenizer Sequence layout (supported: [ByteLevel] and "
+                      "[Split, ByteLevel(use_regex=false)])");
+  }
+  throw FormatError("tokenizer.json: unsupported pre_tokenizer '" + t + "'");
+}
+
+// The normalizer: none, NFC (Qwen2/3) or NFKC, which the Python layer applies; others are refused by name.
+std::string normalizer_name(const json::Value* nz) {
+  if (!nz || nz->is_null()) return "";
+  const std::string t = type_of(nz);
+  if (t == "NFC" || t == "NFKC") return t;
+  if (t == "Sequence") {
+    const json::Value* list = nz->get("normalizers");
+    if (list && list->type == json::Value::kArray && list->items.empty()) return "";
+    if (list && list->type == json::Value::kArray && list->items.size() == 1) return normalizer_name(&list->items[0]);
+    throw FormatError("tokenizer.json: unsupported normalizer Sequence (only empty or a single NFC / NFKC)");
+  }
+  throw FormatError("tokenizer.json: unsupported normalizer '" + t + "'");
 }
 
 int b64val(unsigned char c) {
@@ -358,9 +460,8 @@ std::unique_ptr<Encoder> Encoder::from_hf_json(std::string_view text) {
   if (dropout && !dropout->is_null()) throw FormatError("tokenizer.json: BPE dropout is not supported");
   if (!null_or_empty(model->get("continuing_subword_prefix")) || !null_or_empty(model->get("end_of_word_suffix")))
     throw FormatError("tokenizer.json: continuing_subword_prefix / end_of_word_suffix are not supported");
-  const json::Value* normalizer = doc.get("normalizer");
-  if (normalizer && !normalizer->is_null()) throw FormatError("tokenizer.json: normalizers are not supported");
-  check_pre_tokenizer(doc.get("pre_tokenizer"));
+  const std::string normalizer = normalizer_name(doc.get("normalizer"));
+  const Pattern pattern = pre_tokenizer_pattern(doc.get("pre_tokenizer"));
 
   const json::Value* vocab = model->get("vocab");
   const json::Value* merges = model->get("merges");
@@ -368,7 +469,8 @@ std::unique_ptr<Encoder> Encoder::from_hf_json(std::string_view text) {
   if (!merges || merges->type != json::Value::kArray) throw FormatError("tokenizer.json: model.merges is not a list");
 
   std::unique_ptr<Encoder> enc(new Encoder);
-  enc->pattern_ = Pattern::kGpt2;
+  enc->pattern_ = pattern;
+  enc->normalizer_ = normalizer;
   enc->whole_piece_lookup_ = truthy(model->get("ignore_merges"));
   const json::Value* added_list = doc.get("added_tokens");
   enc->id_limit_ = vocab->members.size() + (added_list ? added_list->items.size() : 0) + kIdSlack;
@@ -469,7 +571,7 @@ std::unique_ptr<Encoder> Encoder::from_tiktoken(std::string_view contents, Patte
   // Every split of a token into two tokens is such a pair, so listing them all gives an id-pair table
   // that decides exactly like tiktoken's byte-string lookups.
   enc->t_->build_tokens(enc->id_bytes_, enc->id_kind_);
-  enc->t_->init_pairs(enc->id_bytes_.size() * 4);
+  enc->t_->init_pairs(enc->id_bytes_.size());  // grows to load 1/4..1/2
   for (uint32_t id = 0; id < enc->id_bytes_.size(); ++id) {
     if (enc->id_kind_[id] != 1) continue;
     const std::string& b = enc->id_bytes_[id];
@@ -518,6 +620,82 @@ std::unique_ptr<Encoder> Encoder::from_vocab_and_merges(const std::vector<std::s
 // ---------------------------------------------------------------------------------------------------
 // Encoding
 
+namespace {
+
+// Per-thread cache of recent pieces -> ids. Text is Zipfian: a few thousand pieces (" the", "\n    ",
+// "的") make up most of it, and hitting this small table avoids both the BPE and the cache misses of
+// the vocabulary-sized hash tables. Entries carry the encoder's uid, so encoders never see each
+// other's entries and nothing needs clearing. One entry is one 64-byte cache line: pieces up to 24
+// bytes with up to 6 ids (nearly all pieces of real text); longer ones go straight to the tables.
+struct PieceCache {
+  static constexpr size_t kEntries = 65536;  // 4 MiB: holds the distinct pieces of megabytes of text
+  static constexpr size_t kMaxBytes = 24;
+  static constexpr size_t kMaxIds = 6;
+  struct alignas(64) Entry {
+    uint64_t hash;
+    uint32_t owner;  // 0: empty
+    uint8_t len;
+    uint8_t nids;
+    uint8_t pad[2];
+    unsigned char bytes[kMaxBytes];
+    uint32_t ids[kMaxIds];
+  };
+  static_assert(sizeof(Entry) == 64, "one cache line per entry");
+  Entry entries[kEntries];
+
+  // Recent merge-pair lookups, (left, right) -> (rank, merged), misses included. BPE of text in one
+  // script meets the same pairs over and over ("的" is three bytes and two merges wherever it occurs);
+  // this 128 KiB table answers them from L2 instead of the vocabulary-sized pair table. Cleared when
+  // the thread switches to another encoder.
+  static constexpr size_t kPairs = 8192;
+  struct PairEntry {
+    uint64_t key;  // left << 32 | right; ~0 when empty
+    uint32_t rank;
+    uint32_t merged;
+  };
+  uint32_t pair_owner;
+  PairEntry pairs[kPairs];
+};
+
+// calloc'd (aligned by hand: calloc gives 16-byte alignment): for a block this size it maps fresh zero
+// pages, so a short-lived batch worker pays only for the entries it touches, not a 4 MiB memset.
+struct CacheDeleter {
+  void* base;
+  void operator()(PieceCache*) const { std::free(base); }
+};
+
+PieceCache& thread_cache() {
+  // Heap-allocated: a 4 MiB thread_local array would not fit the static TLS of a dlopen()ed module.
+  static thread_local std::unique_ptr<PieceCache, CacheDeleter> cache(nullptr, CacheDeleter{nullptr});
+  if (!cache) {
+    void* base = std::calloc(1, sizeof(PieceCache) + 64);
+    if (!base) throw std::bad_alloc();
+    const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t{63};
+    cache = std::unique_ptr<PieceCache, CacheDeleter>(reinterpret_cast<PieceCache*>(aligned), CacheDeleter{base});
+  }
+  return *cache;
+}
+
+inline uint32_t load32(const unsigned char* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// a[0..n) == b[0..n) for 1 <= n <= 24 with a few overlapping word loads instead of a memcmp call.
+SPARROW_INLINE bool same_short(const unsigned char* a, const unsigned char* b, size_t n) {
+  if (n >= 8) {
+    if (load64(a) != load64(b)) return false;
+    if (n >= 16 && load64(a + 8) != load64(b + 8)) return false;
+    return load64(a + n - 8) == load64(b + n - 8);
+  }
+  if (n >= 4) return load32(a) == load32(b) && load32(a + n - 4) == load32(b + n - 4);
+  return a[0] == b[0] && a[n >> 1] == b[n >> 1] && a[n - 1] == b[n - 1];
+}
+
+}  // namespace
+
+
 void Encoder::encode_piece(std::string_view piece, std::vector<uint32_t>& out) const {
   bpe(reinterpret_cast<const unsigned char*>(piece.data()), piece.size(), out);
 }
@@ -528,13 +706,15 @@ void Encoder::bpe(const unsigned char* s, size_t n, std::vector<uint32_t>& out) 
     if (byte_present_[s[0]]) out.push_back(byte_id_[s[0]]);
     return;
   }
-  bpe_hashed(s, n, whole_piece_lookup_ ? hash_bytes(s, n) : 0, out);
+  bpe_hashed(s, n, (whole_piece_lookup_ || !self_encoding_.empty()) ? hash_bytes(s, n) : 0, out);
 }
 
 void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::vector<uint32_t>& out) const {
-  if (whole_piece_lookup_) {
+  if (whole_piece_lookup_ || !self_encoding_.empty()) {
     int64_t id = t_->find_token(s, n, hash);
-    if (id >= 0) {
+    // With whole-piece lookup (tiktoken) a token is its own encoding by definition; without it (HF)
+    // only when BPE of its bytes gives back the token itself, which finish() worked out once per token.
+    if (id >= 0 && (whole_piece_lookup_ || self_encoding_[static_cast<size_t>(id)])) {
       out.push_back(static_cast<uint32_t>(id));
       return;
     }
@@ -546,30 +726,46 @@ void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::v
   uint32_t rank[kSmall];  // rank[i]: pair (sym[i], sym[i+1])
   uint32_t merged[kSmall];
   size_t m = 0;
-  for (size_t i = 0; i < n; ++i)
-    if (byte_present_[s[i]]) sym[m++] = byte_id_[s[i]];  // HF drops bytes that have no token
+  unsigned char raw[kSmall];
+  for (size_t i = 0; i < n; ++i) {
+    if (byte_present_[s[i]]) {  // HF drops bytes that have no token
+      raw[m] = s[i];
+      sym[m++] = byte_id_[s[i]];
+    }
+  }
   const Tables& t = *t_;
-  auto look = [&](size_t i) {
-    const Tables::PairSlot* p = t.find_pair(sym[i], sym[i + 1]);
-    if (p) {
-      rank[i] = p->rank;
-      merged[i] = p->merged;
-    } else {
-      rank[i] = kNoRank;
-    }
-  };
   if (m == 0) return;
-  for (size_t i = 0; i + 1 < m; ++i) look(i);
-  while (m > 1) {
-    uint32_t best = kNoRank;
-    size_t bi = 0;
-    for (size_t i = 0; i + 1 < m; ++i) {
-      if (rank[i] < best) {  // strict: the leftmost of equal ranks wins, as in tiktoken and HF
-        best = rank[i];
-        bi = i;
-      }
+  PieceCache& cache = thread_cache();
+  if (cache.pair_owner != uid_) {
+    for (auto& pe : cache.pairs) pe.key = ~0ull;
+    cache.pair_owner = uid_;
+  }
+  auto look = [&](size_t i) {
+    const uint64_t key = (static_cast<uint64_t>(sym[i]) << 32) | sym[i + 1];
+    PieceCache::PairEntry& pe = cache.pairs[mix(key) & (PieceCache::kPairs - 1)];
+    if (pe.key != key) {
+      const Tables::PairSlot* p = t.find_pair(sym[i], sym[i + 1]);
+      pe.key = key;
+      pe.rank = p ? p->rank : kNoRank;
+      pe.merged = p ? p->merged : 0;
     }
+    rank[i] = pe.rank;
+    merged[i] = pe.merged;
+  };
+  // The first round pairs single bytes: a 64k-entry table in cache instead of the big pair table.
+  for (size_t i = 0; i + 1 < m; ++i) {
+    const uint64_t bp = byte_pairs_[(static_cast<size_t>(raw[i]) << 8) | raw[i + 1]];
+    rank[i] = static_cast<uint32_t>(bp >> 32);
+    merged[i] = static_cast<uint32_t>(bp);
+  }
+  while (m > 1) {
+    // The smallest rank (a branch-free reduction the compiler vectorizes), then its leftmost position:
+    // the leftmost of equal ranks wins, as in tiktoken and HF.
+    uint32_t best = kNoRank;
+    for (size_t i = 0; i + 1 < m; ++i) best = rank[i] < best ? rank[i] : best;
     if (best == kNoRank) break;
+    size_t bi = 0;
+    while (rank[bi] != best) ++bi;
     sym[bi] = merged[bi];
     const size_t tail = m - bi - 2;  // symbols after the removed one
     std::memmove(sym + bi + 1, sym + bi + 2, tail * sizeof(uint32_t));
@@ -631,79 +827,89 @@ void Encoder::bpe_large(const unsigned char* s, size_t n, std::vector<uint32_t>&
   for (uint32_t i = 0; i != kNone; i = next[i]) out.push_back(sym[i]);
 }
 
-namespace {
-
-// Per-thread cache of recent pieces -> ids. Text is Zipfian: a few thousand pieces (" the", "\n    ",
-// "的") make up most of it, and hitting this small table avoids both the BPE and the cache misses of
-// the vocabulary-sized hash tables. Entries carry the encoder's uid, so encoders never see each
-// other's entries and nothing needs clearing.
-struct PieceCache {
-  static constexpr size_t kEntries = 8192;
-  static constexpr size_t kMaxBytes = 64;
-  static constexpr size_t kMaxIds = 10;
-  struct Entry {
-    uint64_t hash;
-    uint32_t owner;  // 0: empty
-    uint8_t len;
-    uint8_t nids;
-    uint8_t pad[2];
-    uint32_t ids[kMaxIds];
-    unsigned char bytes[kMaxBytes];
-  };  // 120 bytes: two cache lines
-  Entry entries[kEntries];
-};
-
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-
-PieceCache& thread_cache() {
-  // Heap-allocated: a 1 MiB thread_local array would not fit the static TLS of a dlopen()ed module.
-  // calloc of this size maps fresh zero pages, so a short-lived batch worker pays only for the
-  // entries it touches.
-  static thread_local std::unique_ptr<PieceCache, FreeDeleter> cache;
-  if (!cache) {
-    cache.reset(static_cast<PieceCache*>(std::calloc(1, sizeof(PieceCache))));
-    if (!cache) throw std::bad_alloc();
-  }
-  return *cache;
-}
-
-}  // namespace
-
-void Encoder::encode_span(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
+template <Pattern P>
+void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
+  if (n == 0) return;
   PieceCache& cache = thread_cache();
+  auto cacheable = [](size_t len) { return len >= 2 && len <= PieceCache::kMaxBytes; };
+  auto set_of = [&](uint64_t h) { return &cache.entries[(h >> 20) & (PieceCache::kEntries - 2)]; };
+  // Batches of pieces: the pre-tokenizer splits off up to kBatch pieces, hashing each and prefetching
+  // its cache set, before any of them is looked up. The cache (4 MiB) lives in L3, or DRAM when other
+  // processes crowd the L3; with a batch in flight those misses overlap instead of adding up.
+  constexpr size_t kBatch = 16;
+  size_t bounds[kBatch + 1];
+  uint64_t hashes[kBatch];
   size_t i = 0;
   while (i < n) {
-    const size_t e = next_piece(pattern_, s, n, i);
-    const size_t len = e - i;
-    const unsigned char* p = s + i;
-    i = e;
-    if (len == 1) {
-      if (byte_present_[p[0]]) out.push_back(byte_id_[p[0]]);
-      continue;
+    size_t k = 0;
+    bounds[0] = i;
+    while (k < kBatch && i < n) {
+      const size_t e = piece::next(P, s, n, i);
+      if (cacheable(e - i)) {
+        const uint64_t h = hash_bytes(s + i, e - i);
+        const PieceCache::Entry* set = set_of(h);
+        __builtin_prefetch(set);
+        __builtin_prefetch(set + 1);
+        hashes[k] = h;
+      }
+      i = e;
+      bounds[++k] = e;
     }
-    if (len > PieceCache::kMaxBytes) {
-      bpe(p, len, out);
-      continue;
+    for (size_t q = 0; q < k; ++q) {
+      const unsigned char* p = s + bounds[q];
+      const size_t len = bounds[q + 1] - bounds[q];
+      if (len == 1) {
+        if (byte_present_[p[0]]) out.push_back(byte_id_[p[0]]);
+        continue;
+      }
+      if (!cacheable(len)) {
+        bpe(p, len, out);
+        continue;
+      }
+      const uint64_t ph = hashes[q];
+      // Two-way set: the pair of entries at an even index; a new piece goes into way 0, pushing the
+      // older one to way 1 (so a piece survives one conflicting newcomer).
+      PieceCache::Entry* set = set_of(ph);
+      const PieceCache::Entry* hit = nullptr;
+      if (set[0].hash == ph && set[0].owner == uid_ && set[0].len == len && same_short(set[0].bytes, p, len)) {
+        hit = &set[0];
+      } else if (set[1].hash == ph && set[1].owner == uid_ && set[1].len == len && same_short(set[1].bytes, p, len)) {
+        hit = &set[1];
+      }
+      if (hit) {
+        if (hit->nids == 1) {
+          out.push_back(hit->ids[0]);
+        } else {
+          out.insert(out.end(), hit->ids, hit->ids + hit->nids);
+        }
+        continue;
+      }
+      PieceCache::Entry& entry = set[0];
+      if (entry.owner) set[1] = entry;
+      const size_t before = out.size();
+      bpe_hashed(p, len, ph, out);
+      const size_t produced = out.size() - before;
+      if (produced <= PieceCache::kMaxIds) {
+        entry.hash = ph;
+        entry.owner = uid_;
+        entry.len = static_cast<uint8_t>(len);
+        entry.nids = static_cast<uint8_t>(produced);
+        std::memcpy(entry.ids, out.data() + before, produced * sizeof(uint32_t));
+        std::memcpy(entry.bytes, p, len);
+      } else {
+        entry.owner = 0;
+      }
     }
-    const uint64_t h = hash_bytes(p, len);
-    PieceCache::Entry& entry = cache.entries[(h >> 20) & (PieceCache::kEntries - 1)];
-    if (entry.hash == h && entry.owner == uid_ && entry.len == len && std::memcmp(entry.bytes, p, len) == 0) {
-      out.insert(out.end(), entry.ids, entry.ids + entry.nids);
-      continue;
-    }
-    const size_t before = out.size();
-    bpe_hashed(p, len, h, out);
-    const size_t produced = out.size() - before;
-    if (produced <= PieceCache::kMaxIds) {
-      entry.hash = h;
-      entry.owner = uid_;
-      entry.len = static_cast<uint8_t>(len);
-      entry.nids = static_cast<uint8_t>(produced);
-      std::memcpy(entry.ids, out.data() + before, produced * sizeof(uint32_t));
-      std::memcpy(entry.bytes, p, len);
-    }
+  }
+}
+
+void Encoder::encode_span(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
+  switch (pattern_) {
+    case Pattern::kGpt2: return encode_span_t<Pattern::kGpt2>(s, n, out);
+    case Pattern::kCl100k: return encode_span_t<Pattern::kCl100k>(s, n, out);
+    case Pattern::kO200k: return encode_span_t<Pattern::kO200k>(s, n, out);
+    case Pattern::kLlama3: return encode_span_t<Pattern::kLlama3>(s, n, out);
+    case Pattern::kQwen2: return encode_span_t<Pattern::kQwen2>(s, n, out);
   }
 }
 
@@ -797,10 +1003,20 @@ void Encoder::encode_ordinary(std::string_view text, std::vector<uint32_t>& out)
 }
 
 void Encoder::decode(const uint32_t* ids, size_t n, std::string& out) const {
+  // Two passes: validate and size, then copy into one allocation (no regrowth, no per-token append).
+  size_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     const uint32_t id = ids[i];
     if (!has_id(id)) throw std::out_of_range("token id " + std::to_string(id) + " is not in the vocabulary");
-    out += id_bytes_[id];
+    total += id_bytes_[id].size();
+  }
+  const size_t start = out.size();
+  out.resize(start + total);
+  char* dst = &out[start];
+  for (size_t i = 0; i < n; ++i) {
+    const std::string& b = id_bytes_[ids[i]];
+    std::memcpy(dst, b.data(), b.size());
+    dst += b.size();
   }
 }
 

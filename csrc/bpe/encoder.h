@@ -77,6 +77,10 @@ class Encoder {
   int64_t token_id(std::string_view bytes) const;
   const std::vector<SpecialToken>& specials() const { return specials_; }
   Pattern pattern() const { return pattern_; }
+  // "" or "NFC": the tokenizer.json normalizer, which callers must apply to text before encoding (the
+  // Python layer does; added tokens with normalized=false are matched in the raw text all the same
+  // when the text is already normalized, the only case it lets through).
+  const std::string& normalizer() const { return normalizer_; }
   size_t num_merges() const { return num_merges_; }
 
  private:
@@ -86,6 +90,8 @@ class Encoder {
   void add_token(uint32_t id, std::string bytes, uint8_t kind);
   void add_merge(uint32_t left, uint32_t right, uint32_t rank, uint32_t merged);
   void encode_span(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const;
+  template <Pattern P>
+  void encode_span_t(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const;
   // Splits out the added tokens of `mask` (leftmost-longest) and encodes the text between them.
   void encode_added(std::string_view seg, const std::vector<char>& mask, bool any, std::vector<uint32_t>& out) const;
   void bpe(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const;
@@ -96,9 +102,14 @@ class Encoder {
   std::pair<size_t, size_t> find_special(std::string_view text, size_t from, const std::vector<char>& usable) const;
 
   Pattern pattern_ = Pattern::kGpt2;
+  std::string normalizer_;
   bool whole_piece_lookup_ = false;
   std::vector<std::string> id_bytes_;
   std::vector<uint8_t> id_kind_;  // 0 missing, 1 regular, 2 added/special
+  // Without whole-piece lookup: self_encoding_[id] says BPE of token id's bytes is [id] (see finish).
+  std::vector<uint8_t> self_encoding_;
+  // (rank << 32 | merged id) of the pair of single-byte tokens (a, b) at a << 8 | b; rank ~0u when none.
+  std::vector<uint64_t> byte_pairs_;
   uint32_t byte_id_[256];
   bool byte_present_[256];
   size_t num_merges_ = 0;

@@ -2,6 +2,7 @@
 
 #include <stdexcept>
 
+#include "bpe/pretokenize_impl.h"
 #include "bpe/unicode.h"
 
 namespace sparrow::bpe {
@@ -11,7 +12,9 @@ Pattern pattern_from_name(const std::string& name) {
     return Pattern::kGpt2;
   if (name == "cl100k" || name == "cl100k_base") return Pattern::kCl100k;
   if (name == "o200k" || name == "o200k_base") return Pattern::kO200k;
-  throw std::invalid_argument("unknown split pattern '" + name + "' (known: gpt2, cl100k, o200k)");
+  if (name == "llama3") return Pattern::kLlama3;
+  if (name == "qwen2") return Pattern::kQwen2;
+  throw std::invalid_argument("unknown split pattern '" + name + "' (known: gpt2, cl100k, o200k, llama3, qwen2)");
 }
 
 const char* pattern_name(Pattern p) {
@@ -19,245 +22,14 @@ const char* pattern_name(Pattern p) {
     case Pattern::kGpt2: return "gpt2";
     case Pattern::kCl100k: return "cl100k";
     case Pattern::kO200k: return "o200k";
+    case Pattern::kLlama3: return "llama3";
+    case Pattern::kQwen2: return "qwen2";
   }
   return "?";
 }
 
-namespace {
 
-constexpr uint8_t kLNS = kLetter | kNumber | kSpace;
-
-struct Ch {
-  uint32_t cp;
-  uint32_t len;
-  uint8_t f;
-};
-
-// ASCII is the hot path: skip the decoder and the two-stage lookup.
-struct AsciiFlags {
-  uint8_t f[128];
-  AsciiFlags() {
-    for (int c = 0; c < 128; ++c) f[c] = char_flags(static_cast<uint32_t>(c));
-  }
-};
-const AsciiFlags kAscii;
-
-inline Ch at(const unsigned char* s, size_t n, size_t i) {
-  const unsigned char b = s[i];
-  if (b < 0x80) return {b, 1, kAscii.f[b]};
-  Decoded d = decode_utf8(s, n, i);
-  return {d.cp, d.len, char_flags(d.cp)};
-}
-
-inline bool is_other(uint8_t f) { return (f & kLNS) == 0; }
-inline bool is_crlf(uint32_t cp) { return cp == '\r' || cp == '\n'; }
-
-// End of the run of characters with any of `mask` set, starting at i.
-inline size_t run_any(const unsigned char* s, size_t n, size_t i, uint8_t mask) {
-  while (i < n) {
-    Ch c = at(s, n, i);
-    if (!(c.f & mask)) break;
-    i += c.len;
-  }
-  return i;
-}
-
-inline size_t run_other(const unsigned char* s, size_t n, size_t i) {
-  while (i < n) {
-    Ch c = at(s, n, i);
-    if (!is_other(c.f)) break;
-    i += c.len;
-  }
-  return i;
-}
-
-// Whitespace run starting at i: its end, the start of its last character, and the end of its last
-// \r or \n (0 when it has none; a run never ends at 0 since i < end).
-struct SpaceRun {
-  size_t end;
-  size_t last_start;
-  size_t newline_end;
-};
-
-inline SpaceRun space_run(const unsigned char* s, size_t n, size_t i) {
-  SpaceRun r{i, i, 0};
-  while (r.end < n) {
-    Ch c = at(s, n, r.end);
-    if (!(c.f & kSpace)) break;
-    r.last_start = r.end;
-    r.end += c.len;
-    if (is_crlf(c.cp)) r.newline_end = r.end;
-  }
-  return r;
-}
-
-// `\s+(?!\S)|\s` (equivalently `\s+(?!\S)|\s+`) at a whitespace run: the whole run at the end of the
-// text, else the run minus its last character (which may then prefix the next word), else one char.
-inline size_t space_tail(const SpaceRun& r, size_t n, size_t i, uint32_t first_len) {
-  if (r.end == n) return n;
-  if (r.last_start > i) return r.last_start;
-  return i + first_len;
-}
-
-inline uint32_t ascii_lower(uint32_t cp) { return (cp >= 'A' && cp <= 'Z') ? cp + 32 : cp; }
-
-// Contractions after an apostrophe at s[i]. Case-insensitive variants fold like the regex engines do:
-// (?i)s also matches U+017F LATIN SMALL LETTER LONG S.
-inline size_t contraction(const unsigned char* s, size_t n, size_t i, bool fold_case) {
-  if (i + 1 >= n || s[i] != '\'') return 0;
-  Ch c = at(s, n, i + 1);
-  uint32_t a = fold_case ? ascii_lower(c.cp) : c.cp;
-  if (fold_case && a == 0x17F) a = 's';
-  if (a == 's' || a == 'd' || a == 'm' || a == 't') return i + 1 + c.len;
-  if (i + 2 >= n) return 0;
-  uint32_t b = s[i + 2];
-  if (fold_case) b = ascii_lower(b);
-  if ((a == 'l' && b == 'l') || (a == 'v' && b == 'e') || (a == 'r' && b == 'e')) return i + 3;
-  return 0;
-}
-
-size_t gpt2_piece(const unsigned char* s, size_t n, size_t i) {
-  Ch c = at(s, n, i);
-  if (c.cp == '\'') {
-    if (size_t e = contraction(s, n, i, false)) return e;
-  }
-  size_t j = i;
-  Ch d = c;
-  if (c.cp == ' ' && i + 1 < n) {
-    j = i + 1;
-    d = at(s, n, j);
-  }
-  if (d.f & kLetter) return run_any(s, n, j + d.len, kLetter);
-  if (d.f & kNumber) return run_any(s, n, j + d.len, kNumber);
-  if (is_other(d.f)) return run_other(s, n, j + d.len);
-  // c is whitespace here: either not a space, or a space followed by whitespace / the end.
-  SpaceRun r = space_run(s, n, i);
-  return space_tail(r, n, i, c.len);
-}
-
-size_t cl100k_piece(const unsigned char* s, size_t n, size_t i) {
-  Ch c = at(s, n, i);
-  if (c.cp == '\'') {
-    if (size_t e = contraction(s, n, i, true)) return e;
-  }
-  if (c.f & kLetter) return run_any(s, n, i + c.len, kLetter);
-  // [^\r\n\p{L}\p{N}]?+\p{L}++ with the optional char present.
-  if (!(c.f & kNumber) && !is_crlf(c.cp) && i + c.len < n) {
-    Ch d = at(s, n, i + c.len);
-    if (d.f & kLetter) return run_any(s, n, i + c.len + d.len, kLetter);
-  }
-  if (c.f & kNumber) {
-    size_t e = i + c.len;
-    for (int k = 1; k < 3 && e < n; ++k) {
-      Ch d = at(s, n, e);
-      if (!(d.f & kNumber)) break;
-      e += d.len;
-    }
-    return e;
-  }
-  size_t j = i;
-  Ch d = c;
-  if (c.cp == ' ' && i + 1 < n) {
-    j = i + 1;
-    d = at(s, n, j);
-  }
-  if (is_other(d.f)) {
-    size_t e = run_other(s, n, j + d.len);
-    while (e < n && (s[e] == '\r' || s[e] == '\n')) ++e;
-    return e;
-  }
-  SpaceRun r = space_run(s, n, i);
-  if (r.end == n) return n;             // \s++$
-  if (r.newline_end) return r.newline_end;  // \s*[\r\n]
-  return space_tail(r, n, i, c.len);    // \s+(?!\S)|\s
-}
-
-constexpr size_t kFail = static_cast<size_t>(-1);
-
-// o200k's two word alternatives after the optional prefix character, starting at st:
-//   first:  [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+  (upper* lower+)
-//   second: [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*  (upper+ lower*)
-// each followed by an optional case-insensitive contraction. The classes overlap (Lm, Lo, M are in
-// both), so the first alternative backtracks the greedy upper* run to the last character that can
-// start lower+.
-size_t o200k_word(const unsigned char* s, size_t n, size_t st, bool first) {
-  if (st >= n) return kFail;
-  size_t u = st;
-  size_t last_lower_end = 0;
-  while (u < n) {
-    Ch c = at(s, n, u);
-    if (!(c.f & kUpperish)) break;
-    u += c.len;
-    if (c.f & kLowerish) last_lower_end = u;
-  }
-  size_t e;
-  if (first) {
-    if (u < n && (at(s, n, u).f & kLowerish)) {
-      e = run_any(s, n, u, kLowerish);
-    } else if (last_lower_end) {
-      e = last_lower_end;
-    } else {
-      return kFail;
-    }
-  } else {
-    if (u == st) return kFail;
-    e = run_any(s, n, u, kLowerish);
-  }
-  if (e < n && s[e] == '\'') {
-    if (size_t c = contraction(s, n, e, true)) {
-      // o200k's suffix list is 's|'t|'re|'ve|'m|'ll|'d: the same set as the contraction alternatives.
-      e = c;
-    }
-  }
-  return e;
-}
-
-size_t o200k_piece(const unsigned char* s, size_t n, size_t i) {
-  Ch c = at(s, n, i);
-  const bool prefix = !(c.f & (kLetter | kNumber)) && !is_crlf(c.cp);
-  for (bool first : {true, false}) {
-    if (prefix) {
-      size_t e = o200k_word(s, n, i + c.len, first);
-      if (e != kFail) return e;
-    }
-    size_t e = o200k_word(s, n, i, first);
-    if (e != kFail) return e;
-  }
-  if (c.f & kNumber) {
-    size_t e = i + c.len;
-    for (int k = 1; k < 3 && e < n; ++k) {
-      Ch d = at(s, n, e);
-      if (!(d.f & kNumber)) break;
-      e += d.len;
-    }
-    return e;
-  }
-  size_t j = i;
-  Ch d = c;
-  if (c.cp == ' ' && i + 1 < n) {
-    j = i + 1;
-    d = at(s, n, j);
-  }
-  if (is_other(d.f)) {
-    size_t e = run_other(s, n, j + d.len);
-    while (e < n && (s[e] == '\r' || s[e] == '\n' || s[e] == '/')) ++e;
-    return e;
-  }
-  SpaceRun r = space_run(s, n, i);
-  if (r.newline_end) return r.newline_end;  // \s*[\r\n]+
-  return space_tail(r, n, i, c.len);        // \s+(?!\S)|\s+
-}
-
-}  // namespace
-
-size_t next_piece(Pattern p, const unsigned char* s, size_t n, size_t i) {
-  switch (p) {
-    case Pattern::kGpt2: return gpt2_piece(s, n, i);
-    case Pattern::kCl100k: return cl100k_piece(s, n, i);
-    case Pattern::kO200k: return o200k_piece(s, n, i);
-  }
-  return n;
-}
+size_t next_piece(Pattern p, const unsigned char* s, size_t n, size_t i) { return piece::next(p, s, n, i); }
 
 bool is_valid_utf8(const unsigned char* s, size_t n) {
   size_t i = 0;

@@ -18,10 +18,16 @@ enum class Pattern {
   // '(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s
   kCl100k,
   // tiktoken's o200k_base pattern (case-aware words with contraction suffixes, \s*[\r\n]+, no \s++$).
+  // Also the Split regex of GPT-OSS's tokenizer.json (the same regex).
   kO200k,
+  // Llama-3's Split regex: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+  // (cl100k without \s++$).
+  kLlama3,
+  // Qwen2/Qwen3's Split regex: Llama-3's with \p{N} (single digits) instead of \p{N}{1,3}.
+  kQwen2,
 };
 
-// "gpt2" (aliases r50k, p50k), "cl100k", "o200k"; throws std::invalid_argument otherwise.
+// "gpt2" (aliases r50k, p50k), "cl100k", "o200k", "llama3", "qwen2"; throws std::invalid_argument otherwise.
 Pattern pattern_from_name(const std::string& name);
 const char* pattern_name(Pattern p);
 

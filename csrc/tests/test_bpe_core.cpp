@@ -34,6 +34,10 @@ void test_pretokenize() {
   CHECK((pieces(Pattern::kO200k, "they'RE") == V{"they'RE"}));
   CHECK((pieces(Pattern::kO200k, "x  \n ") == V{"x", "  \n", " "}));  // no \s++$ in o200k
   CHECK((pieces(Pattern::kO200k, "a//b\n") == V{"a", "//", "b", "\n"}));
+  CHECK((pieces(Pattern::kLlama3, "x  \n ") == V{"x", "  \n", " "}));  // Llama-3 has no \s++$
+  CHECK((pieces(Pattern::kLlama3, "I'M 12345") == V{"I", "'M", " ", "123", "45"}));
+  CHECK((pieces(Pattern::kQwen2, "x 12345") == V{"x", " ", "1", "2", "3", "4", "5"}));  // \p{N}: one digit
+  CHECK(pattern_from_name("qwen2") == Pattern::kQwen2);
   // Chinese is one letter run; the ideographic space is whitespace.
   CHECK((pieces(Pattern::kCl100k, "\xE4\xB8\xAD\xE6\x96\x87\xE3\x80\x80x") == V{"\xE4\xB8\xAD\xE6\x96\x87", "\xE3\x80\x80x"}));
   CHECK(pieces(Pattern::kGpt2, "").empty());

@@ -21,6 +21,9 @@ PATTERNS = {
         r"""\s+(?!\S)""",
         r"""\s+""",
     ]),
+    # The Split regexes of Llama-3's and Qwen2/3's tokenizer.json (tests/test_tokenizer_layouts.py).
+    "llama3": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    "qwen2": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
 }
 
 # Special tokens of OpenAI's rank files, used when a .tiktoken file is loaded by its usual name.
@@ -75,6 +78,9 @@ class Tokenizer:
         self.special_tokens: dict[str, int] = {text: id_ for text, id_, special in specials if special}
         self._all = [True] * self._n_added
         self._none = [False] * self._n_added
+        # tokenizer.json's normalizer ("" or "NFC", e.g. Qwen2/3), applied here before the C++ encoder.
+        self._normalizer = native.normalizer
+        self._added_texts = [text for text, _id, _special in specials]
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -139,6 +145,22 @@ class Tokenizer:
         return (_from_ranks_kw, tuple(args))
 
     # ---- encoding -----------------------------------------------------------------------------------
+    def _normalize(self, text: str) -> str:
+        """The text HF tokenizers would pre-tokenize, for tokenizers with a normalizer. HF normalizes the
+        text between added tokens; with no added token in the text (before or after normalizing) that is
+        the whole text, the only case handled here; otherwise ``ValueError`` names the normalizer rather
+        than giving other ids. Unicode tables: ``unicodedata2`` when installed, else the stdlib's."""
+        if not self._normalizer or text.isascii():
+            return text
+        ud = _unicodedata()
+        if ud.is_normalized(self._normalizer, text):
+            return text
+        normalized = ud.normalize(self._normalizer, text)
+        if any(t in text or t in normalized for t in self._added_texts):
+            raise ValueError(f"{self.name}: text that is not in {self._normalizer} form and contains added tokens: "
+                             f"the tokenizer's {self._normalizer} normalizer is not supported there")
+        return normalized
+
     def _mask(self, allowed_special, disallowed_special) -> tuple[list[bool], bool]:
         if allowed_special == "all":
             mask = self._all
@@ -176,11 +198,11 @@ class Tokenizer:
         disallowed special token and ``UnicodeEncodeError`` for strings with lone surrogates."""
         mask, check = self._mask(allowed_special, disallowed_special)
         self._check_subset(text, allowed_special, disallowed_special)
-        return self._enc.encode(text, mask, check)
+        return self._enc.encode(self._normalize(text), mask, check)
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of ``text`` with special-token text encoded as ordinary text (never raises for it)."""
-        return self._enc.encode_ordinary(text)
+        return self._enc.encode_ordinary(self._normalize(text) if self._normalizer else text)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, *,
                      allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
@@ -193,16 +215,22 @@ class Tokenizer:
         if disallowed_special != "all" and disallowed_special:
             for text in texts:
                 self._check_subset(text, allowed_special, disallowed_special)
+        if self._normalizer:
+            texts = [self._normalize(t) for t in texts]
         return self._enc.encode_batch(texts, mask, check, False, num_threads)
 
     def encode_ordinary_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         if isinstance(texts, str):
             raise TypeError("encode_ordinary_batch takes a sequence of str, not a str")
+        if self._normalizer:
+            texts = [self._normalize(t) for t in texts]
         return self._enc.encode_batch(texts, [], False, True, num_threads)
 
     def encode_documents(self, texts: Sequence[str], separator: int | None = None, num_threads: int | None = None):
         """Ordinary encodings of ``texts`` concatenated, each followed by ``separator`` when given, as a numpy
         uint32 array (the corpus writer's fast path: no Python int per token)."""
+        if self._normalizer:
+            texts = [self._normalize(t) for t in texts]
         return self._enc.encode_documents(texts, -1 if separator is None else int(separator), num_threads)
 
     # ---- decoding and vocabulary --------------------------------------------------------------------
@@ -240,6 +268,14 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, pattern={self.pattern!r})"
+
+
+def _unicodedata():
+    try:
+        import unicodedata2 as ud  # the Unicode version HF tokenizers uses, when installed
+    except ImportError:
+        import unicodedata as ud
+    return ud
 
 
 def _from_tiktoken_kw(path, pattern, special_tokens):

@@ -214,3 +214,39 @@ def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="variant"):
         GRPOObjective(tok, sevens, variant="ppo")
     assert PromptSource([{"prompt": "1", "reference": "7"}], tok).train_batch(5, 2)["references"] == ["7", "7"]
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def test_grpo_command_and_the_shipped_config(tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    from sparrow.cli import main
+    from sparrow.post_training.stages import load_stage_config
+    from sparrow.tokenizer import train_tokenizer
+
+    config, options = load_stage_config("grpo", Path(__file__).parents[1] / "configs" / "grpo_tiny.yaml")
+    assert options.data == "builtin" and options.tasks == ["arithmetic"] and config.model.init_from.startswith("runs/")
+
+    start = tmp_path / "start"
+    train_tokenizer(["What is 2 plus 3? 5. 问题：3 加 4 等于多少？ 7。"] * 20, vocab_size=300, out_dir=start,
+                    show_progress=False)
+    torch.manual_seed(0)
+    SparrowForCausalLM(SparrowConfig.from_preset("tiny", vocab_size=300, num_hidden_layers=1, hidden_size=64,
+                                                 intermediate_size=128, max_position_embeddings=64)).save_pretrained(start)
+    (tmp_path / "p.jsonl").write_text("".join(f'{{"prompt": "What is {a} plus 1?", "reference": "{a + 1}"}}\n'
+                                              for a in range(6)))
+    values = {"model": {"init_from": str(start), "backend": "reference"}, "data": {"seq_len": 64, "micro_batch_size": 2},
+              "train": {"out_dir": str(tmp_path / "grpo"), "max_steps": 2, "warmup_steps": 1, "eval_every": 0,
+                        "save_every": 0, "progress": False},
+              "grpo": {"data": str(tmp_path / "p.jsonl"), "rewards": [{"name": "arithmetic", "weight": 2}, "format"],
+                       "group_size": 3, "max_new_tokens": 3, "beta": 0.05}}
+    (tmp_path / "grpo.yaml").write_text(yaml.safe_dump(values))
+    assert main(["grpo", "--config", str(tmp_path / "grpo.yaml"), "grpo.variant=dr_grpo"]) == 0
+    records = [r for r in read_metrics(tmp_path / "grpo") if "reward_mean" in r]
+    assert [r["step"] for r in records] == [1, 2] and all(0 <= r["reward_mean"] <= 3 for r in records)
+    assert all(r["response_length"] <= 3 and "kl" in r for r in records)
+    assert (tmp_path / "grpo" / "reward.png").is_file() and (tmp_path / "grpo" / "model" / "tokenizer.json").is_file()
+    assert main(["grpo", "--config", str(tmp_path / "grpo.yaml"), "grpo.rewards=[nope]"]) == 2

@@ -1,8 +1,8 @@
-"""Training commands: ``sparrow pretrain|sft|dpo|rm`` (one set of config arguments, one run wrapper), ``pairs``
+"""Training commands: ``sparrow pretrain|sft|dpo|rm|grpo`` (one set of config arguments, one run wrapper), ``pairs``
 (preference pairs for dpo/rm from your own checkpoint) and ``demo`` (the whole chain on the built-in data).
 
 Each stage reads ``--config`` (YAML: the Trainer's ``model``/``data``/``train`` sections, plus the stage's own
-section for sft, dpo and rm, see :mod:`sparrow.post_training.stages`), then ``section.key=value`` overrides.
+section for sft, dpo, rm and grpo, see :mod:`sparrow.post_training.stages`), then ``section.key=value`` overrides.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ STAGES = {
     "sft": "supervised fine-tuning on chat jsonl (messages or instruction/input/output)",
     "dpo": "direct preference optimisation on prompt/chosen/rejected jsonl",
     "rm": "train a reward model (Bradley-Terry) on prompt/chosen/rejected jsonl",
+    "grpo": "GRPO with verifiable rewards on the built-in questions or prompt/reference jsonl",
 }
 
 

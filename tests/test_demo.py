@@ -102,9 +102,10 @@ def test_shrunk_demo_runs_every_stage_and_writes_the_report(tmp_path):
 
 @pytest.mark.slow
 def test_default_demo_shows_learning_on_held_out_items(tmp_path, monkeypatch):
-    """The README's main job, as shipped: every learning claim holds (`sparrow demo --check` exits 0). About ten
-    minutes on 2 CPU cores, the longest test: `pytest -m "not slow"` leaves it out."""
+    """The README's main job, as shipped: every gating learning claim holds (`sparrow demo --check` exits 0). About
+    twelve minutes on 2 CPU cores, the longest test: `pytest -m "not slow"` leaves it out."""
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--check", "--out", str(tmp_path / "demo")]) == 0
     checks = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())["checks"]
-    assert all(c["passed"] for c in checks), checks
+    assert all(c["passed"] for c in checks if c["required"]), checks
+    assert [c["required"] for c in checks].count(False) == 2  # GRPO's claims: reported, not yet gating

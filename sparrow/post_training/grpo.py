@@ -37,6 +37,7 @@ from ..data.builtin_corpus import TASKS, finetuning_items
 from ..generate import GenerationConfig, generate
 from ..model import IGNORE_INDEX
 from ..tokenizer.chat import decode_answer, prompt_ids
+from ..train.metrics import plot_curves, read_metrics
 from .losses import pad_right, token_logprobs
 from .rewards import exact_answer
 
@@ -239,28 +240,7 @@ class GRPOObjective:
 
 def plot_rewards(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, title: str = "GRPO") -> Path:
     """Mean reward, exact-answer rate and the group's pass@k per step (drawn beside the loss curve)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..train.metrics import read_metrics
-
     records = [r for r in read_metrics(metrics_path) if "reward_mean" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for key in ["reward_mean", "exact_mean"] + sorted({k for r in records for k in r if k.startswith("pass@")}):
-        points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
-        if points:
-            ax.plot(*zip(*points), lw=1, alpha=0.85, label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward / rate")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    keys = ["reward_mean", "exact_mean"] + sorted({k for r in records for k in r if k.startswith("pass@")})
+    curves = {k: [(r["step"], r[k]) for r in records if k in r and math.isfinite(r[k])] for k in keys}
+    return plot_curves(curves, out_png, ylabel="reward / rate", title=title)

@@ -84,26 +84,24 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, unigram_entropy: float | None = None,
-              title: str = "training loss") -> Path:
-    """Training loss per step (and validation loss where measured) against the unigram-entropy baseline."""
+def plot_curves(curves: dict[str, list[tuple[int, float]]], out_png: str | os.PathLike, *, ylabel: str, title: str,
+                styles: dict[str, str] | None = None, baseline: tuple[float, str] | None = None) -> Path:
+    """Curves per step (label -> [(step, value)]) in one figure, with an optional horizontal baseline
+    (value, label); written atomically. Empty curves are left out."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if train:
-        ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", ms=4, label="validation loss")
-    if unigram_entropy is not None:
-        ax.axhline(unigram_entropy, color="grey", ls="--", lw=1, label=f"unigram entropy ({unigram_entropy:.2f})")
+    for label, points in curves.items():
+        if points:
+            style = (styles or {}).get(label, "-")
+            ax.plot(*zip(*points), style, ms=4, lw=1, alpha=0.85, label=label)
+    if baseline is not None:
+        ax.axhline(baseline[0], color="grey", ls="--", lw=1, label=baseline[1])
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -114,3 +112,14 @@ def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, un
     plt.close(fig)
     os.replace(tmp, out_png)
     return out_png
+
+
+def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, unigram_entropy: float | None = None,
+              title: str = "training loss") -> Path:
+    """Training loss per step (and validation loss where measured) against the unigram-entropy baseline."""
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    baseline = None if unigram_entropy is None else (unigram_entropy, f"unigram entropy ({unigram_entropy:.2f})")
+    return plot_curves({"train loss": train, "validation loss": val}, out_png, ylabel="loss (nats/token)",
+                       title=title, styles={"validation loss": "o-"}, baseline=baseline)

@@ -208,7 +208,7 @@ def run_dpo(demo: Demo, train_pairs: list[dict], steps: int):
 def run_grpo(demo: Demo, world: tuple[int, int], steps: int):
     """GRPO from the DPO model on the fine-tuning arithmetic questions (no held-out operand pair), rewarded with
     partial credit per digit, sign and length plus the exact answer; short completions (answers are numbers)."""
-    config = demo.stage_config("grpo", steps, 1e-4, 16, str(demo.out / "dpo" / "model"))
+    config = demo.stage_config("grpo", steps, 2e-4, 16, str(demo.out / "dpo" / "model"))
     config.data.seq_len = MAX_LENGTH
     options = StageOptions(data="builtin", tasks=["arithmetic"], rewards=["arithmetic", "exact"], group_size=8,
                            max_new_tokens=6, temperature=1.0, beta=0.0, val_fraction=0.0)

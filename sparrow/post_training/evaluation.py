@@ -66,6 +66,12 @@ def extract_answer(text: str) -> str:
     return _ANSWER_END.split(text, maxsplit=1)[0].strip()
 
 
+def answer_matches(generated: str, expected: str) -> bool:
+    """Whether a generation's answer (:func:`extract_answer`) is exactly the expected one: exact match's rule,
+    shared with GRPO's exact-answer reward."""
+    return extract_answer(generated) == expected.strip()
+
+
 def exact_match(model: SparrowForCausalLM, tokenizer, items, *, chat_template: str | None = None,
                 max_new_tokens: int = 16, batch_size: int = 16) -> dict:
     """Fraction of ``items`` (with ``prompt`` and ``answer``) whose greedy answer equals the expected one.
@@ -80,8 +86,9 @@ def exact_match(model: SparrowForCausalLM, tokenizer, items, *, chat_template: s
     answers = []
     for start in range(0, len(prompts), batch_size):
         for out in generate(model, prompts[start:start + batch_size], config):
-            answers.append(extract_answer(decode_answer(tokenizer, out)))
-    correct = [a == item.answer.strip() for a, item in zip(answers, items)]
+            answers.append(decode_answer(tokenizer, out))
+    correct = [answer_matches(a, item.answer) for a, item in zip(answers, items)]
+    answers = [extract_answer(a) for a in answers]
     by_task: dict[str, list[bool]] = {}
     for item, ok in zip(items, correct):
         if getattr(item, "task", None):

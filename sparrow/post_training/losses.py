@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from ..model import IGNORE_INDEX
 
 
-def sequence_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
-    """Sum over positions whose label is not -100 of log p(label_t | tokens < t), per row.
+def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """log p(label_t | tokens < t) per position (0 where the label is -100) and the mask of labelled positions,
+    both (batch, length - 1).
 
     ``labels`` are aligned with the inputs, as for the model's loss: the logits at t predict label t+1.
     """
@@ -31,7 +32,12 @@ def sequence_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     mask = labels != IGNORE_INDEX
     safe = labels.masked_fill(~mask, 0)
     token_logps = torch.gather(logits.log_softmax(-1), 2, safe.unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1)
+    return token_logps * mask, mask
+
+
+def sequence_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """Sum over positions whose label is not -100 of log p(label_t | tokens < t), per row."""
+    return token_logprobs(logits, labels)[0].sum(-1)
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,

@@ -1,4 +1,4 @@
-"""The fine-tuning stages on the shared Trainer: SFT, DPO and the reward model.
+"""The fine-tuning stages on the shared Trainer: SFT, DPO, the reward model and GRPO.
 
 Each stage's YAML is the Trainer's (``model``, ``data``, ``train``; ``model.init_from`` names the starting
 checkpoint) plus one section of its own::
@@ -7,6 +7,13 @@ checkpoint) plus one section of its own::
     dpo: {data: pairs.jsonl, template: sparrow, max_length: 256, beta: 0.1, label_smoothing: 0.0,
           loss_type: sigmoid, rpo_alpha: 0.0, reference: null, val_fraction: 0.05}
     rm:  {data: pairs.jsonl, template: sparrow, max_length: 256, val_fraction: 0.05}
+    grpo: {data: builtin, tasks: [arithmetic], rewards: [exact], group_size: 8, max_new_tokens: 8,
+           temperature: 1.0, top_k: 0, epsilon: 0.2, beta: 0.0, variant: grpo, reference: null}
+
+``grpo.data`` is ``builtin`` (the built-in corpus's fine-tuning questions of ``grpo.tasks``, never a held-out
+one) or a jsonl of ``{prompt, reference}``; ``grpo.rewards`` names rewards of :mod:`.rewards` (or
+``module:function``), summed, each optionally weighted (``[{name: arithmetic, weight: 1.0}, format]``);
+``grpo.beta`` is the weight of the KL to the reference (0: no reference model is loaded). See :mod:`.grpo`.
 
 The tokenizer is the starting model's (:func:`sparrow.model_folder.find_tokenizer`) unless ``<stage>.tokenizer``
 names another; the finished model folder gets it too, with the stage's chat template in tokenizer_config.json.
@@ -29,11 +36,13 @@ from ..train.config import Config, load_config, parse_override, read_config_file
 from ..train.trainer import CausalLMObjective
 from .chat_data import SFTDataset, encode_chat, read_records, to_messages
 from .losses import DPOObjective, RewardObjective
+from .grpo import GRPOObjective, PromptSource, builtin_prompts, read_prompts
 from .preference_data import PreferenceDataset, read_pairs
 from .reward_model import RewardModel
+from .rewards import WeightedRewards
 
 # The command that makes the model each stage starts from (for error messages).
-STARTING_MODEL_COMMAND = {"sft": "sparrow pretrain", "dpo": "sparrow sft", "rm": "sparrow sft"}
+STARTING_MODEL_COMMAND = {"sft": "sparrow pretrain", "dpo": "sparrow sft", "rm": "sparrow sft", "grpo": "sparrow dpo"}
 
 
 @dataclass
@@ -44,12 +53,20 @@ class StageOptions:
     max_length: int = 512
     val_fraction: float = 0.05
     pack: bool = False                 # sft
-    beta: float = 0.1                  # dpo
+    beta: float = 0.1                  # dpo: the temperature of the implicit reward; grpo: the KL weight
     label_smoothing: float = 0.0       # dpo
     loss_type: str = "sigmoid"         # dpo
     rpo_alpha: float = 0.0             # dpo: weight of the NLL of the chosen answers (TRL's rpo_alpha)
-    reference: str | None = None       # dpo: default model.init_from
+    reference: str | None = None       # dpo, grpo: default model.init_from
     cache_reference: bool = True       # dpo: reference log-probs computed once before training
+    tasks: list[str] | None = None     # grpo, data: builtin: which tasks' questions (default all)
+    rewards: Any = ("exact",)          # grpo: names (or module:function), optionally weighted
+    group_size: int = 8                # grpo: completions per prompt
+    max_new_tokens: int = 8            # grpo: answers are short
+    temperature: float = 1.0           # grpo: sampling
+    top_k: int = 0                     # grpo: sampling (0: off)
+    epsilon: float = 0.2               # grpo: the ratio clip
+    variant: str = "grpo"              # grpo: grpo (std-normalised, per-sequence mean) or dr_grpo
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,4 +173,34 @@ def build_rm(config: Config, options: StageOptions, *, pairs: list[dict] | None 
     return Trainer(config, data, RewardObjective(), model=model, log=log, header={"rm": counts}, extra_files=files)
 
 
-BUILDERS = {"sft": build_sft, "dpo": build_dpo, "rm": build_rm}
+def grpo_prompts(config: Config, options: StageOptions) -> list[dict[str, str]]:
+    """``grpo.data``: ``builtin`` (the questions of the corpus's world, ``data.builtin_seed``/``builtin_num_people``)
+    or a jsonl of prompts with references."""
+    if options.data == "builtin":
+        return builtin_prompts(config.data.builtin_seed, config.data.builtin_num_people, options.tasks)
+    if options.tasks is not None:
+        raise ValueError("grpo.tasks: only for grpo.data: builtin")
+    return read_prompts(options.data)
+
+
+def build_grpo(config: Config, options: StageOptions, *, records: list[dict] | None = None, log=print) -> Trainer:
+    tok, tok_path = starting_tokenizer(config, options, "grpo")
+    records = records if records is not None else grpo_prompts(config, options)
+    reward = WeightedRewards(options.rewards)
+    reference = None
+    if options.beta > 0:
+        reference = SparrowForCausalLM.from_pretrained(options.reference or config.model.init_from,
+                                                       backend=config.model.backend)
+    objective = GRPOObjective(tok, reward, reference=reference, group_size=options.group_size,
+                              max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                              top_k=options.top_k, epsilon=options.epsilon, beta=options.beta, variant=options.variant,
+                              seed=config.train.seed)
+    data = PromptSource(records, tok, template=options.template, seed=config.data.seed)
+    return Trainer(config, data, objective, log=log,
+                   header={"grpo": f"{len(records)} prompts x {options.group_size} samples, reward {reward.describe()}, "
+                                   f"{options.variant}, beta {options.beta}, epsilon {options.epsilon}, "
+                                   f"temperature {options.temperature}, {options.max_new_tokens} new tokens"},
+                   extra_files=_tokenizer_files(Path(config.train.out_dir), tok_path, options.template))
+
+
+BUILDERS = {"sft": build_sft, "dpo": build_dpo, "rm": build_rm, "grpo": build_grpo}

@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -84,43 +84,29 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, unigram_entropy: float | None = None,
-              title: str = "training loss") -> Path:
-    """Training loss per step (and validation loss where measured) against the unigram-entropy baseline; for a
-    mixture-of-experts run a second panel shows each expert's share of the routed tokens per step."""
+def plot_curves(curves: dict[str, list[tuple[int, float]]], out_png: str | os.PathLike, *, ylabel: str, title: str,
+                styles: dict[str, str] | None = None, baseline: tuple[float, str] | None = None,
+                panel: Callable[[Any], None] | None = None) -> Path:
+    """Curves per step (label -> [(step, value)]) in one figure, with an optional horizontal baseline
+    (value, label); written atomically. Empty curves are left out. ``panel(ax)`` draws a second panel below."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    experts = sorted({k for r in records for k in r if k.startswith("expert_tokens/")}, key=lambda k: int(k.split("/")[1]))
-    if experts:
-        fig, (ax, ax_experts) = plt.subplots(2, 1, figsize=(7, 7), dpi=110)
-        shares = [(r["step"], [r[k] / max(sum(r[j] for j in experts), 1e-9) for k in experts])
-                  for r in records if all(k in r for k in experts)]
-        if shares:
-            steps = [s for s, _ in shares]
-            for i, key in enumerate(experts):
-                ax_experts.plot(steps, [share[i] for _, share in shares], lw=1, label=key.split("/")[1])
-            ax_experts.axhline(1 / len(experts), color="grey", ls="--", lw=1, label="balanced")
-        ax_experts.set_xlabel("step")
-        ax_experts.set_ylabel("share of routed tokens")
-        ax_experts.set_title("tokens per expert")
-        ax_experts.grid(alpha=0.3)
-        ax_experts.legend(ncol=5, fontsize=7)
+    if panel is not None:
+        fig, (ax, lower) = plt.subplots(2, 1, figsize=(7, 7), dpi=110)
+        panel(lower)
     else:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if train:
-        ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", ms=4, label="validation loss")
-    if unigram_entropy is not None:
-        ax.axhline(unigram_entropy, color="grey", ls="--", lw=1, label=f"unigram entropy ({unigram_entropy:.2f})")
+    for label, points in curves.items():
+        if points:
+            style = (styles or {}).get(label, "-")
+            ax.plot(*zip(*points), style, ms=4, lw=1, alpha=0.85, label=label)
+    if baseline is not None:
+        ax.axhline(baseline[0], color="grey", ls="--", lw=1, label=baseline[1])
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -131,3 +117,33 @@ def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, un
     plt.close(fig)
     os.replace(tmp, out_png)
     return out_png
+
+
+def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, unigram_entropy: float | None = None,
+              title: str = "training loss") -> Path:
+    """Training loss per step (and validation loss where measured) against the unigram-entropy baseline; for a
+    mixture-of-experts run a second panel shows each expert's share of the routed tokens per step."""
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    baseline = None if unigram_entropy is None else (unigram_entropy, f"unigram entropy ({unigram_entropy:.2f})")
+    experts = sorted({k for r in records for k in r if k.startswith("expert_tokens/")}, key=lambda k: int(k.split("/")[1]))
+
+    def expert_shares(ax) -> None:
+        shares = [(r["step"], [r[k] / max(sum(r[j] for j in experts), 1e-9) for k in experts])
+                  for r in records if all(k in r for k in experts)]
+        if shares:
+            steps = [s for s, _ in shares]
+            for i, key in enumerate(experts):
+                ax.plot(steps, [share[i] for _, share in shares], lw=1, label=key.split("/")[1])
+            ax.axhline(1 / len(experts), color="grey", ls="--", lw=1, label="balanced")
+        ax.set_xlabel("step")
+        ax.set_ylabel("share of routed tokens")
+        ax.set_title("tokens per expert")
+        ax.grid(alpha=0.3)
+        ax.legend(ncol=5, fontsize=7)
+
+    return plot_curves({"train loss": train, "validation loss": val}, out_png, ylabel="loss (nats/token)",
+                       title=title, styles={"validation loss": "o-"}, baseline=baseline,
+                       panel=expert_shares if experts else None)
+

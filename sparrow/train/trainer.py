@@ -395,3 +395,6 @@ class Trainer:
         if self.config.train.plot:
             plot_loss(self.metrics.path, self.out_dir / "loss.png",
                       unigram_entropy=self.unigram_entropy, title=self.out_dir.name)
+            plot_extra = getattr(self.objective, "plot", None)  # an objective's own curves (GRPO's rewards)
+            if plot_extra is not None:
+                plot_extra(self.metrics.path, self.out_dir)

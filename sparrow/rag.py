@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .data.loading import iter_jsonl
+
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _TOKEN = re.compile(rf"[{_CJK}]+|[^\W_{_CJK}]+")
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？；;])\s*|\n+")
@@ -88,18 +90,11 @@ def read_units(path: str | os.PathLike) -> Iterable[tuple[str, int]]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-                text = record.get("text", record.get("content")) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{number}: needs a string field 'text' (or 'content')")
-                yield text, number
+        for number, record in iter_jsonl(path):
+            text = record.get("text", record.get("content")) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{number}: needs a string field 'text' (or 'content')")
+            yield text, number
     elif suffix in (".txt", ".md", ".markdown", ".text"):
         lines = path.read_text(encoding="utf-8").splitlines()
         start, block = None, []

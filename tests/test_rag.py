@@ -42,7 +42,7 @@ def test_documents_are_read_by_type_and_bad_ones_named(tmp_path):
         list(read_units(jsonl))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "a"}\n{oops\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"broken.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: malformed JSON"):
         list(read_units(broken))
     with pytest.raises(ValueError, match=r"\.pdf"):
         list(read_units(tmp_path / "paper.pdf"))

@@ -138,23 +138,33 @@ def _record_error(path: str, builder: str, field: str, row_index: int, row: dict
     return ValueError(f"{path}: row {row_index + 1}: {what} (fields: {fields})")
 
 
-def _locate_json_error(path: str, field: str) -> ValueError | None:
-    """The first line of a JSON-lines file that is not a JSON object with a string ``field``, as an error naming
-    file and line; None when every line is fine (the problem is elsewhere)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+def iter_jsonl(path: str | os.PathLike, *, errors: str = "strict") -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSON-lines file; a line that is not JSON is a
+    ``ValueError`` naming file and line. The one jsonl reader: callers check the shape of each record.
+    ``errors`` is ``open``'s handling of bytes that are not UTF-8."""
+    with open(path, encoding="utf-8", errors=errors) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                return ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})")
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _locate_json_error(path: str, field: str) -> ValueError | None:
+    """The first line of a JSON-lines file that is not a JSON object with a string ``field``, as an error naming
+    file and line; None when every line is fine (the problem is elsewhere)."""
+    try:
+        for lineno, record in iter_jsonl(path, errors="replace"):
             if not isinstance(record, dict):
                 return ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             if field not in record:
                 return ValueError(f"{path}:{lineno}: no field {field!r} (fields: {sorted(record)})")
             if not isinstance(record[field], str):
                 return ValueError(f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, not text")
+    except ValueError as exc:
+        return exc
     return None
 
 

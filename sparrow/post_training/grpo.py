@@ -23,7 +23,6 @@ are a pure function of the weights and the step: a resumed run samples exactly w
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import random
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.builtin_corpus import TASKS, finetuning_items
+from ..data.loading import iter_jsonl
 from ..generate import GenerationConfig, generate
 from ..model import IGNORE_INDEX
 from ..tokenizer.chat import decode_answer, prompt_ids
@@ -117,18 +117,13 @@ def builtin_prompts(seed: int = 0, num_people: int = 240, tasks: Sequence[str] |
 def read_prompts(path: str | os.PathLike) -> list[dict[str, str]]:
     """``{"prompt": ..., "reference": ...}`` per line (``question``/``answer`` are accepted too)."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from exc
-            prompt, reference = row.get("prompt", row.get("question")), row.get("reference", row.get("answer"))
-            if not isinstance(prompt, str) or not isinstance(reference, (str, int, float)):
-                raise ValueError(f"{path}:{n}: needs a string 'prompt' and a 'reference'")
-            records.append({"prompt": prompt, "reference": str(reference)})
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        prompt, reference = row.get("prompt", row.get("question")), row.get("reference", row.get("answer"))
+        if not isinstance(prompt, str) or not isinstance(reference, (str, int, float)):
+            raise ValueError(f"{path}:{n}: needs a string 'prompt' and a 'reference'")
+        records.append({"prompt": prompt, "reference": str(reference)})
     if not records:
         raise ValueError(f"{path}: no prompts")
     return records

@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import pytest
@@ -17,6 +18,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+
+
+def triton_module(name):
+    """``sparrow.ops.<name>``, or skip the test with the reason when the triton backend does not load."""
+    from sparrow import ops
+
+    error = ops.backend_error("triton")
+    if error is not None:
+        pytest.skip(f"triton backend unavailable: {error}")
+    return importlib.import_module(f"sparrow.ops.{name}")
+
+
+def assert_compiled_matches_eager(f, leaves, *, atol, rtol):
+    """``f(*leaves)`` (a scalar) captured in one graph (fullgraph; aot_eager keeps the check independent of
+    inductor's CPU codegen) gives eager's value and the same gradient for every leaf."""
+    compiled_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*compiled_leaves)
+    compiled.backward()
+    eager_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    eager = f(*eager_leaves)
+    eager.backward()
+    torch.testing.assert_close(compiled, eager, atol=atol, rtol=rtol)
+    for got, ref in zip(compiled_leaves, eager_leaves):
+        torch.testing.assert_close(got.grad, ref.grad, atol=atol, rtol=rtol)
 
 
 class ByteTokenizer:

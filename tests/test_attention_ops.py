@@ -10,7 +10,7 @@ from sparrow import ops
 from sparrow.ops import reference
 from sparrow.testing import max_error
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, triton_module
 from test_backends import DEVICE, FAST_BACKENDS, check_attention_error, require_kernel
 
 
@@ -82,11 +82,7 @@ def test_reference_decode_equals_attention_when_cache_is_full():
 
 # ---------------------------------------------------------------------------------------------- opcheck
 def _triton_or_skip():
-    if ops.backend_error("triton") is not None:
-        pytest.skip(f"triton unavailable: {ops.backend_error('triton')}")
-    from sparrow.ops import triton_attention
-
-    return triton_attention
+    return triton_module("triton_attention")
 
 
 def _opcheck(op, args):

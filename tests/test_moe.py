@@ -9,6 +9,8 @@ import torch
 from sparrow import ops
 from sparrow.model import SparrowConfig, SparrowForCausalLM
 
+from conftest import assert_compiled_matches_eager
+
 SMALL_MOE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
                  moe_intermediate_size=24, model_type="mixtral")
@@ -174,19 +176,11 @@ def test_dpo_and_sft_losses_train_an_moe_model_unchanged():
 def test_moe_reference_compiles_in_one_graph_with_the_eager_result():
     """Eager runs each expert on its own tokens; compiled runs the shape-static masked form. Same numbers."""
     x, ids, weights, w_gate_up, w_down = moe_inputs(tokens_=12)
-    leaves = [t.clone().requires_grad_() for t in (x, weights, w_gate_up, w_down)]
 
     def f(x, weights, w_gate_up, w_down):
         return ops.moe_experts(x, ids, weights, w_gate_up, w_down, backend="reference").square().sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
-    compiled.backward()
-    eager_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    eager = f(*eager_leaves)
-    eager.backward()
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
-    for got, ref in zip(leaves, eager_leaves):
-        torch.testing.assert_close(got.grad, ref.grad, atol=1e-5, rtol=1e-5)
+    assert_compiled_matches_eager(f, (x, weights, w_gate_up, w_down), atol=1e-5, rtol=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_moe_loss_and_router_gradient():

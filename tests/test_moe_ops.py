@@ -9,18 +9,13 @@ import torch
 from sparrow import ops
 from sparrow.testing import max_error, tolerance
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, assert_compiled_matches_eager, triton_module
 from test_backends import DEVICE
 
 
 @pytest.fixture(scope="module")
 def tm():
-    error = ops.backend_error("triton")
-    if error is not None:
-        pytest.skip(f"triton backend unavailable: {error}")
-    from sparrow.ops import triton_moe
-
-    return triton_moe
+    return triton_module("triton_moe")
 
 
 def routed_inputs(dtype, tokens=21, hidden=24, inter=20, experts=5, k=2, seed=0):
@@ -103,12 +98,4 @@ def test_triton_moe_layer_under_torch_compile(tm):
     def f(x, router, w_gate_up, w_down):
         return moe_forward(x, router, w_gate_up, w_down, k, "triton")[0].square().sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    out = compiled(*leaves)
-    out.backward()
-    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    expected = f(*ref_leaves)
-    expected.backward()
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    for got, ref in zip(leaves, ref_leaves):
-        torch.testing.assert_close(got.grad, ref.grad, atol=1e-4, rtol=1e-4)
+    assert_compiled_matches_eager(f, leaves, atol=1e-4, rtol=1e-4)

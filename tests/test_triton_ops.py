@@ -11,19 +11,14 @@ from sparrow import ops
 from sparrow.ops import reference
 from sparrow.testing import assert_close
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, assert_compiled_matches_eager, triton_module
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 @pytest.fixture(scope="module")
 def tb():
-    error = ops.backend_error("triton")
-    if error is not None:
-        pytest.skip(f"triton backend unavailable: {error}")
-    from sparrow.ops import triton_backend
-
-    return triton_backend
+    return triton_module("triton_backend")
 
 
 def rope_inputs(dtype=torch.float32, batch=2, seq=5, heads=4, kv_heads=2, head_dim=32, half=12, per_batch=True):
@@ -144,13 +139,4 @@ def test_triton_ops_under_torch_compile(tb):
         q2, k2 = ops.apply_rope(q, k, cos, sin, backend="triton")
         return ops.rms_norm(y, w, backend="triton").sum() + s.sum() + q2.sum() + k2.square().sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
-    out = compiled(x, r, w, qq, kk)
-    out.backward()
-    leaves = [t.detach().clone().requires_grad_() for t in (x, r, w, q, k)]
-    expected = f(*leaves)
-    expected.backward()
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    for got, ref in zip((x.grad, r.grad, w.grad, qq.grad, kk.grad), leaves):
-        torch.testing.assert_close(got, ref.grad, atol=1e-4, rtol=1e-4)
+    assert_compiled_matches_eager(f, (x, r, w, q, k), atol=1e-4, rtol=1e-4)

@@ -419,6 +419,7 @@ def _attn_bwd_dq_kernel(
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Same grid prologue as _attn_fwd_kernel: inline in each, as Triton kernels take flat pointer/stride arguments.
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

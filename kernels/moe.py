@@ -82,6 +82,7 @@ def _prune_mm(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+# Same loop nest as _mm_configs over other tiles (narrower M, deeper K: the wgrad GEMM reduces over tokens).
 def _wgrad_configs():
     if _interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]

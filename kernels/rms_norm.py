@@ -141,6 +141,7 @@ def _rms_norm_bwd_kernel(
                 dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
                 w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
                 acc += w * dy * x
+            # Second pass over the same columns: it needs c (the whole row's sum); the row is too long for registers.
             c = tl.sum(acc, axis=0) * rstd * rstd / N
             for start in range(0, N, BLOCK):
                 cols = start + tl.arange(0, BLOCK)

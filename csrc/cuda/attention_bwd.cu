@@ -30,6 +30,7 @@ constexpr int kThreads = kRows * kLanesPerRow;
 
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// Also in attention_fwd.cu: each .cu compiles (and is statically checked) alone; force-inlined, so free to repeat.
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
@@ -156,6 +157,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(
   const T* kh_ptr = k + b * sk.b + kh * sk.h;
   const T* vh_ptr = v + b * sv.b + kh * sv.h;
   const int hi = causal ? min(tk, m0 + kRows + diag) : tk;
+  // The dK/dV kernel's step with roles swapped: kept apart so each holds its own row in registers, the other in smem.
   for (int j = 0; j < hi; ++j) {
     __syncthreads();
     for (int d = threadIdx.x; d < D; d += kThreads) {

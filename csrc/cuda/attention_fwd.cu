@@ -170,6 +170,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(
     }
     __syncwarp();
 
+    // Same WMMA tile loop as S = Q K^T, other operands/layout: written out so each fragment type stays a constant.
     // O += P V.
 #pragma unroll
     for (int dt = 0; dt < D / 16; ++dt) {

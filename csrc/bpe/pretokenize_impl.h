@@ -137,6 +137,35 @@ SPARROW_INLINE size_t gpt2_piece(const unsigned char* s, size_t n, size_t i) {
 // places only: no `\s++$` alternative (kTrailingRun false) and, for Qwen2, `\p{N}` instead of
 // `\p{N}{1,3}` (kMaxDigits 1). Their non-possessive forms match the same text as cl100k's possessive
 // ones (no alternative after them can succeed where the possessive one failed).
+constexpr size_t kFail = static_cast<size_t>(-1);
+
+// \p{N}{1,kMaxDigits}, the first number character (c) at i.
+template <int kMaxDigits>
+SPARROW_INLINE size_t number_run(const unsigned char* s, size_t n, size_t i, Ch c) {
+  size_t e = i + c.len;
+  for (int k = 1; k < kMaxDigits && e < n; ++k) {
+    Ch d = at(s, n, e);
+    if (!(d.f & kNumber)) break;
+    e += d.len;
+  }
+  return e;
+}
+
+// " ?[^\s\p{L}\p{N}]++[\r\n]*" (o200k: "[\r\n/]*") from i, whose character is c; kFail when it does not match.
+template <bool kAlsoSlash>
+SPARROW_INLINE size_t other_run(const unsigned char* s, size_t n, size_t i, Ch c) {
+  size_t j = i;
+  Ch d = c;
+  if (c.cp == ' ' && i + 1 < n) {
+    j = i + 1;
+    d = at(s, n, j);
+  }
+  if (!is_other(d.f)) return kFail;
+  size_t e = run_other(s, n, j + d.len);
+  while (e < n && (s[e] == '\r' || s[e] == '\n' || (kAlsoSlash && s[e] == '/'))) ++e;
+  return e;
+}
+
 template <bool kTrailingRun, int kMaxDigits>
 SPARROW_INLINE size_t cl100k_like_piece(const unsigned char* s, size_t n, size_t i) {
   Ch c = at(s, n, i);
@@ -149,33 +178,14 @@ SPARROW_INLINE size_t cl100k_like_piece(const unsigned char* s, size_t n, size_t
     Ch d = at(s, n, i + c.len);
     if (d.f & kLetter) return run_any(s, n, i + c.len + d.len, kLetter);
   }
-  if (c.f & kNumber) {
-    size_t e = i + c.len;
-    for (int k = 1; k < kMaxDigits && e < n; ++k) {
-      Ch d = at(s, n, e);
-      if (!(d.f & kNumber)) break;
-      e += d.len;
-    }
-    return e;
-  }
-  size_t j = i;
-  Ch d = c;
-  if (c.cp == ' ' && i + 1 < n) {
-    j = i + 1;
-    d = at(s, n, j);
-  }
-  if (is_other(d.f)) {
-    size_t e = run_other(s, n, j + d.len);
-    while (e < n && (s[e] == '\r' || s[e] == '\n')) ++e;
-    return e;
-  }
+  if (c.f & kNumber) return number_run<kMaxDigits>(s, n, i, c);
+  if (size_t e = other_run<false>(s, n, i, c); e != kFail) return e;
   SpaceRun r = space_run(s, n, i);
   if (kTrailingRun && r.end == n) return n;  // \s++$
   if (r.newline_end) return r.newline_end;  // \s*[\r\n]
   return space_tail(r, n, i, c.len);    // \s+(?!\S)|\s
 }
 
-constexpr size_t kFail = static_cast<size_t>(-1);
 
 // o200k's two word alternatives after the optional prefix character, starting at st:
 //   first:  [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+  (upper* lower+)
@@ -228,26 +238,8 @@ SPARROW_INLINE size_t o200k_piece(const unsigned char* s, size_t n, size_t i) {
     size_t e = o200k_word(s, n, i, first);
     if (e != kFail) return e;
   }
-  if (c.f & kNumber) {
-    size_t e = i + c.len;
-    for (int k = 1; k < 3 && e < n; ++k) {
-      Ch d = at(s, n, e);
-      if (!(d.f & kNumber)) break;
-      e += d.len;
-    }
-    return e;
-  }
-  size_t j = i;
-  Ch d = c;
-  if (c.cp == ' ' && i + 1 < n) {
-    j = i + 1;
-    d = at(s, n, j);
-  }
-  if (is_other(d.f)) {
-    size_t e = run_other(s, n, j + d.len);
-    while (e < n && (s[e] == '\r' || s[e] == '\n' || s[e] == '/')) ++e;
-    return e;
-  }
+  if (c.f & kNumber) return number_run<3>(s, n, i, c);
+  if (size_t e = other_run<true>(s, n, i, c); e != kFail) return e;
   SpaceRun r = space_run(s, n, i);
   if (r.newline_end) return r.newline_end;  // \s*[\r\n]+
   return space_tail(r, n, i, c.len);        // \s+(?!\S)|\s+

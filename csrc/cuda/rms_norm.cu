@@ -209,6 +209,7 @@ __global__ void rms_norm_bwd_vec_kernel(const T* __restrict__ dy, const T* __res
       part[col] = acc;
     }
   } else {
+    // Same register walk as the WARP_ROW branch, stored straight to the partial: one row per block, no cross-warp sum.
 #pragma unroll
     for (int i = 0; i < kI; ++i) {
       const int vi = i * width + lane;

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,6 +22,7 @@ from sparrow.generate import GenerationConfig  # noqa: E402
 from sparrow.model_folder import load_tokenizer  # noqa: E402
 from sparrow.post_training.chat_data import encode_chat  # noqa: E402
 from sparrow.tokenizer import Tokenizer  # noqa: E402
+from sparrow.tokenizer.corpus import tokenize_corpus  # noqa: E402
 from sparrow.tokenizer.chat import IGNORE_INDEX, prompt_ids, render_jinja, stop_ids, template_for  # noqa: E402
 from sparrow.tokenizer.hf_fallback import HFTokenizer  # noqa: E402
 
@@ -76,6 +78,12 @@ def test_a_layout_the_encoder_refuses_runs_through_hf_tokenizers_with_one_notice
         tok.encode("x") + [hf.token_to_id("<|eot_id|>")] + tok.encode_ordinary("<|endoftext|>"))
     assert tok.vocab_size == hf.get_vocab_size() and tok.eot_id == hf.token_to_id("<|endoftext|>")
     assert tok.token_to_id("<|eot_id|>") == hf.token_to_id("<|eot_id|>")
+    # The corpus writer takes the folder too (pretraining data in the checkpoint's tokenizer).
+    meta = tokenize_corpus(iter(["Hello World", "ÀÉÎ 42"]), tmp_path / "tokens", tmp_path / "m", show_progress=False)
+    eot = hf.token_to_id("<|endoftext|>")
+    written = np.fromfile(tmp_path / "tokens.bin", dtype=meta["dtype"]).tolist()
+    assert written == hf.encode("Hello World", add_special_tokens=False).ids + [eot] + hf.encode(
+        "ÀÉÎ 42", add_special_tokens=False).ids + [eot]
 
 
 def test_a_supported_layout_runs_through_the_cpp_encoder_without_notice(tmp_path, capsys):

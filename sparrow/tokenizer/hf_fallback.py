@@ -27,6 +27,7 @@ class HFTokenizer:
         self.special_tokens: dict[str, int] = {t.content: i for i, t in added.items() if t.special}
         self._plain = tokenizers.Tokenizer.from_file(str(path))  # encodes special-token text as ordinary text
         self._plain.encode_special_tokens = True
+        self._vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
 
     def __reduce__(self):
         return (HFTokenizer, (self.name,))
@@ -92,7 +93,7 @@ class HFTokenizer:
     @property
     def vocab_size(self) -> int:
         """Largest id + 1, added tokens included."""
-        return max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        return self._vocab_size
 
     @property
     def eot_id(self) -> int | None:

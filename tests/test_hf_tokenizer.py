@@ -21,6 +21,7 @@ from sparrow.cli import main  # noqa: E402
 from sparrow.generate import GenerationConfig  # noqa: E402
 from sparrow.model_folder import load_tokenizer  # noqa: E402
 from sparrow.post_training.chat_data import encode_chat  # noqa: E402
+from sparrow.post_training.preference_data import PreferenceDataset  # noqa: E402
 from sparrow.tokenizer import Tokenizer  # noqa: E402
 from sparrow.tokenizer.corpus import tokenize_corpus  # noqa: E402
 from sparrow.tokenizer.chat import IGNORE_INDEX, prompt_ids, render_jinja, stop_ids, template_for  # noqa: E402
@@ -154,3 +155,16 @@ def test_sft_from_a_llama_folder_uses_its_jinja_template_and_end_of_turn(tmp_pat
     assert GenerationConfig.for_tokenizer(tuned_tok).stop_ids[0] == eot
     assert main(["generate", str(tmp_path / "sft" / "model"), "What is 1 plus 2?", "--chat", "--max-new-tokens", "6"]) == 0
     assert "<|eot_id|>" not in capsys.readouterr().out  # stopped on (and stripped) the template's end of turn
+
+    # DPO from the tuned folder: its pairs are encoded with the same template.
+    pair = {"prompt": "What is 1 plus 2?", "chosen": "It is 3.", "rejected": "It is 4."}
+    chosen_ids, chosen_labels = PreferenceDataset([pair], tuned_tok).train[0]["chosen"]
+    assert tok.decode([t for t in chosen_labels if t != IGNORE_INDEX]) == "It is 3.<|eot_id|>"
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps(pair) + "\n")
+    stage["model"]["init_from"] = str(tmp_path / "sft" / "model")
+    stage["train"]["out_dir"] = str(tmp_path / "dpo")
+    stage["dpo"] = {"data": str(tmp_path / "pairs.jsonl"), "val_fraction": 0.0}
+    del stage["sft"]
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(stage))
+    assert main(["dpo", "--config", str(tmp_path / "dpo.yaml")]) == 0
+    assert template_for(load_tokenizer(tmp_path / "dpo" / "model")) == LLAMA3_TEMPLATE

@@ -2,7 +2,7 @@
 folder (``model.init_from``) and exported back: transformers loads the result as a Qwen2 with Sparrow's logits.
 
 The folder's tokenizer here is a byte-level BPE trained by Sparrow (its special tokens and chat template); a
-checkpoint's own chat template and HF-tokenizers fallback are not wired into the stages (see the README)."""
+checkpoint's own tokenizer layout and Jinja chat template are tests/test_hf_tokenizer.py."""
 
 from __future__ import annotations
 

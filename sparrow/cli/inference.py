@@ -16,7 +16,8 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--template", default="sparrow", help="chat template: sparrow or qa")
+    parser.add_argument("--template", default=None, help="chat template: sparrow or qa (default: the model folder's, "
+                        "a checkpoint's Jinja included)")
 
 
 def register(subparsers) -> None:
@@ -46,7 +47,8 @@ def register(subparsers) -> None:
     parser.add_argument("--pairs", default=None, help="held-out prompt/chosen/rejected jsonl")
     parser.add_argument("--max-length", type=int, default=256, help="pairs: longest encoded conversation (the demo: 192)")
     parser.add_argument("--text", default=None, help="held-out text (.txt/.jsonl) for perplexity; default: the items' QA text")
-    parser.add_argument("--template", default="sparrow", help="chat template for exact match; 'none' for raw prompts")
+    parser.add_argument("--template", default=None, help="chat template for exact match (default: the model's); "
+                        "'none' for raw prompts")
     parser.add_argument("--per-task", type=int, default=100, help="held-out exact-match items of each task (as the demo)")
     parser.add_argument("--seed", type=int, default=0, help="the built-in corpus's seed (data.builtin_seed)")
     parser.add_argument("--num-people", type=int, default=240, help="the built-in corpus's data.builtin_num_people")
@@ -87,7 +89,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from ..generate import stream_text
     from ..model_folder import load_model_and_tokenizer
-    from ..tokenizer.chat import encode_text, render
+    from ..tokenizer.chat import encode_text, render_for
 
     model, tok = load_model_and_tokenizer(args.model)
     config = _sampling(args, tok)
@@ -109,11 +111,11 @@ def run_chat(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": index.augment(line) if index is not None else line})
-        prompt = encode_text(tok, render(messages, args.template, add_generation_prompt=True))
+        prompt = encode_text(tok, render_for(tok, messages, args.template, add_generation_prompt=True))
         if len(prompt) + config.max_new_tokens > model.config.max_position_embeddings:
             print("(context full: starting over)")
             messages = messages[-1:]
-            prompt = encode_text(tok, render(messages, args.template, add_generation_prompt=True))
+            prompt = encode_text(tok, render_for(tok, messages, args.template, add_generation_prompt=True))
         pieces = []
         for piece in stream_text(model, tok, prompt, config):
             print(piece, end="", flush=True)
@@ -136,13 +138,15 @@ def run_eval(args: argparse.Namespace) -> int:
         texts = list(iter_texts(args.text))
     else:
         texts = [qa_text(i) for i in items]
-    template = None if args.template == "none" else args.template
+    from ..tokenizer.chat import template_for
+
+    template = None if args.template == "none" else template_for(tok, args.template)
     pairs = reference = reward_model = None
     if args.pairs:
         from ..post_training.preference_data import PreferenceDataset, read_pairs
 
         rows = read_pairs(args.pairs)
-        pairs = PreferenceDataset(rows, tok, template=template or "sparrow", max_length=args.max_length,
+        pairs = PreferenceDataset(rows, tok, template=template_for(tok, template), max_length=args.max_length,
                                   val_pairs=rows).all_pairs("val")
         if args.reward_model:
             from ..post_training.reward_model import RewardModel

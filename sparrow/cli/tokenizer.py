@@ -62,9 +62,9 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_encode(args: argparse.Namespace) -> int:
-    from ..tokenizer import Tokenizer
+    from ..model_folder import load_tokenizer
 
-    tok = Tokenizer.from_file(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer, args.tokenizer)
     text = " ".join(args.text) if args.text else sys.stdin.read()
     ids = tok.encode(text, allowed_special="all") if args.allow_special else tok.encode_ordinary(text)
     if args.tokens:

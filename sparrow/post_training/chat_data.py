@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..tokenizer.chat import IGNORE_INDEX, encode_text, render
+from ..tokenizer.chat import IGNORE_INDEX, encode_text, render_for
 
 
 def to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
@@ -37,23 +37,29 @@ def to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
-def encode_chat(tokenizer, messages: Sequence[dict], template: str = "sparrow",
+def encode_chat(tokenizer, messages: Sequence[dict], template: str | None = None,
                 max_length: int | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a whole conversation; labels keep only each assistant answer and its end token.
+    ``template`` defaults to the model's (:func:`~sparrow.tokenizer.chat.template_for`), a checkpoint's Jinja
+    included.
 
-    The conversation is encoded once; an answer's token span is found by encoding the text before and
-    through it, which is exact whenever BPE does not merge across the boundary (role headers end in a
-    newline or a special token, so it does not) and otherwise starts at the first differing token.
+    The conversation is encoded once; an answer's token span is found by rendering and encoding the
+    conversation before it (with the generation prompt) and through it, which is exact whenever BPE does not
+    merge across the boundary (role headers end in a newline or a special token, so it does not) and otherwise
+    starts at the first differing token. A template whose rendering of earlier turns changes with later ones
+    (e.g. one that drops past reasoning) is outside this rule.
     """
-    ids = encode_text(tokenizer, render(messages, template))
+    render = lambda msgs, gen=False: render_for(tokenizer, list(msgs), template, add_generation_prompt=gen)
+    ids = encode_text(tokenizer, render(messages))
     labels = [IGNORE_INDEX] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = encode_text(tokenizer, render(list(messages[:i]), template, add_generation_prompt=True))
-        through = encode_text(tokenizer, render(list(messages[:i + 1]), template))
-        # "through" ends with "<|end|>\n": the newline belongs to the template, not the answer.
-        end = len(through) - len(encode_text(tokenizer, "\n")) if render(list(messages[:i + 1]), template).endswith("\n") else len(through)
+        before = encode_text(tokenizer, render(messages[:i], True))
+        through_text = render(messages[:i + 1])
+        through = encode_text(tokenizer, through_text)
+        # "through" ends with the end-of-turn token, then maybe "\n": the newline belongs to the template.
+        end = len(through) - len(encode_text(tokenizer, "\n")) if through_text.endswith("\n") else len(through)
         start = 0
         while start < min(len(before), len(ids)) and before[start] == ids[start]:
             start += 1
@@ -90,7 +96,7 @@ class SFTDataset:
         self.val_examples = val_examples or []
 
     @classmethod
-    def from_records(cls, records: Iterable[dict], tokenizer, *, template: str = "sparrow", max_length: int = 512,
+    def from_records(cls, records: Iterable[dict], tokenizer, *, template: str | None = None, max_length: int = 512,
                      **kwargs: Any) -> "SFTDataset":
         return cls([encode_chat(tokenizer, to_messages(r), template, max_length) for r in records], **kwargs)
 

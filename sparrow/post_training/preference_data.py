@@ -21,7 +21,7 @@ def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a.strip(), b.strip(), autojunk=False).ratio()
 
 
-def build_pairs(model, tokenizer, examples: Sequence[tuple[str, str]], *, template: str = "sparrow",
+def build_pairs(model, tokenizer, examples: Sequence[tuple[str, str]], *, template: str | None = None,
                 max_new_tokens: int = 16, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
                 max_similarity: float = 0.8, batch_size: int = 32) -> list[dict[str, str]]:
     """For each (prompt, reference answer): sample the model's answer to the prompt as a chat turn; keep
@@ -81,7 +81,7 @@ def _messages(prompt: Any, answer: str) -> list[dict[str, str]]:
 class PreferenceDataset:
     """Encoded pairs served as right-padded batches for DPO and the reward model (a Trainer BatchSource)."""
 
-    def __init__(self, pairs: Sequence[dict], tokenizer, *, template: str = "sparrow", max_length: int = 256,
+    def __init__(self, pairs: Sequence[dict], tokenizer, *, template: str | None = None, max_length: int = 256,
                  val_pairs: Sequence[dict] = ()):
         def encode(items):
             out = []

@@ -3,20 +3,24 @@
 Each stage's YAML is the Trainer's (``model``, ``data``, ``train``; ``model.init_from`` names the starting
 checkpoint) plus one section of its own::
 
-    sft: {data: chats.jsonl, template: sparrow, max_length: 512, pack: false, val_fraction: 0.05}
-    dpo: {data: pairs.jsonl, template: sparrow, max_length: 256, beta: 0.1, label_smoothing: 0.0,
+    sft: {data: chats.jsonl, template: null, max_length: 512, pack: false, val_fraction: 0.05}
+    dpo: {data: pairs.jsonl, template: null, max_length: 256, beta: 0.1, label_smoothing: 0.0,
           loss_type: sigmoid, rpo_alpha: 0.0, reference: null, val_fraction: 0.05}
-    rm:  {data: pairs.jsonl, template: sparrow, max_length: 256, val_fraction: 0.05}
+    rm:  {data: pairs.jsonl, template: null, max_length: 256, val_fraction: 0.05}
     grpo: {data: builtin, tasks: [arithmetic], rewards: [exact], group_size: 8, max_new_tokens: 8,
-           temperature: 1.0, top_k: 0, epsilon: 0.2, beta: 0.0, variant: grpo, reference: null}
+           temperature: 1.0, top_k: 0, epsilon: 0.2, beta: 0.0, variant: grpo, reference: null,
+           template: null}
 
 ``grpo.data`` is ``builtin`` (the built-in corpus's fine-tuning questions of ``grpo.tasks``, never a held-out
 one) or a jsonl of ``{prompt, reference}``; ``grpo.rewards`` names rewards of :mod:`.rewards` (or
 ``module:function``), summed, each optionally weighted (``[{name: arithmetic, weight: 1.0}, format]``);
 ``grpo.beta`` is the weight of the KL to the reference (0: no reference model is loaded). See :mod:`.grpo`.
 
-The tokenizer is the starting model's (:func:`sparrow.model_folder.find_tokenizer`) unless ``<stage>.tokenizer``
-names another; the finished model folder gets it too, with the stage's chat template in tokenizer_config.json.
+The tokenizer is the starting model's (:func:`sparrow.model_folder.load_tokenizer`: the C++ encoder, or HF
+tokenizers for a layout it does not implement) unless ``<stage>.tokenizer`` names another. ``template: null`` (the
+default) is the starting model's chat template (a Hugging Face checkpoint's Jinja and eos token included; "sparrow"
+for a folder without one), or a name of ``TEMPLATES``. The finished model folder gets the tokenizer too, with the
+stage's chat template in tokenizer_config.json.
 """
 
 from __future__ import annotations
@@ -28,9 +32,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..model import SparrowForCausalLM
-from ..model_folder import find_tokenizer
-from ..tokenizer import Tokenizer
-from ..tokenizer.chat import TEMPLATES
+from ..model_folder import find_tokenizer, load_tokenizer
+from ..tokenizer.chat import TEMPLATES, template_for
 from ..train import Trainer
 from ..train.config import Config, load_config, parse_override, read_config_file
 from ..train.trainer import CausalLMObjective
@@ -49,7 +52,7 @@ STARTING_MODEL_COMMAND = {"sft": "sparrow pretrain", "dpo": "sparrow sft", "rm":
 class StageOptions:
     data: str | None = None
     tokenizer: str | None = None
-    template: str = "sparrow"
+    template: str | None = None        # None: the starting model's
     max_length: int = 512
     val_fraction: float = 0.05
     pack: bool = False                 # sft
@@ -96,9 +99,10 @@ def load_stage_config(stage: str, path: str | Path | None, overrides: Sequence[s
     return config, options
 
 
-def starting_tokenizer(config: Config, options: StageOptions, stage: str) -> tuple[Tokenizer, Path]:
-    """The tokenizer of ``model.init_from`` (or ``<stage>.tokenizer``) and its path. A starting model that is not
-    there is an error naming the folder and the command that makes it."""
+def starting_tokenizer(config: Config, options: StageOptions, stage: str) -> tuple[Any, Path]:
+    """The tokenizer of ``model.init_from`` (or ``<stage>.tokenizer``) and its path; ``options.template`` becomes the
+    template in use (:func:`~sparrow.tokenizer.chat.template_for`). A starting model that is not there is an error
+    naming the folder and the command that makes it."""
     start = Path(config.model.init_from)
     made_by = STARTING_MODEL_COMMAND.get(stage, "sparrow pretrain")
     if options.tokenizer is None and not (start / "config.json").is_file():
@@ -107,7 +111,9 @@ def starting_tokenizer(config: Config, options: StageOptions, stage: str) -> tup
         path = find_tokenizer(start, options.tokenizer)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{exc}; or name one with {stage}.tokenizer") from exc
-    return Tokenizer.from_file(path), path
+    tok = load_tokenizer(start, path)
+    options.template = template_for(tok, options.template)
+    return tok, path
 
 
 def _tokenizer_files(out_dir: Path, tokenizer_path: Path, template: str) -> dict[str, Path]:
@@ -116,9 +122,13 @@ def _tokenizer_files(out_dir: Path, tokenizer_path: Path, template: str) -> dict
     folder.mkdir(parents=True, exist_ok=True)
     config_path = tokenizer_path.parent / "tokenizer_config.json"
     tok_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    tok_config["chat_template"] = TEMPLATES[template]
+    tok_config["chat_template"] = TEMPLATES.get(template, template)
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return {"tokenizer.json": tokenizer_path, "tokenizer_config.json": folder / "tokenizer_config.json"}
+
+
+def _template_name(template: str) -> str:
+    return template if template in TEMPLATES else "the checkpoint's (Jinja)"
 
 
 def _split(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -138,7 +148,7 @@ def build_sft(config: Config, options: StageOptions, *, records: list[dict] | No
     encode = lambda rows: [encode_chat(tok, to_messages(r), options.template, max_length) for r in rows]
     data = SFTDataset(encode(train), val_examples=encode(val), pad_id=tok.eot_id or 0, pack=options.pack)
     return Trainer(config, data, CausalLMObjective(), log=log,
-                   header={"sft": f"{len(train)} conversations ({len(val)} held out), template {options.template}"},
+                   header={"sft": f"{len(train)} conversations ({len(val)} held out), template {_template_name(options.template)}"},
                    extra_files=_tokenizer_files(Path(config.train.out_dir), tok_path, options.template))
 
 

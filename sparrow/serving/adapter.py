@@ -4,16 +4,15 @@ these names, so a move of the library functions they wrap changes this file only
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from ..generate import GenerationConfig, next_tokens
 from ..model import KVCache, SparrowForCausalLM
-from ..model_folder import find_tokenizer, load_model_and_tokenizer
+from ..model_folder import load_model_and_tokenizer
 from ..post_training.evaluation import exact_match
-from ..tokenizer.chat import TEMPLATES, render, render_jinja, stop_ids
+from ..tokenizer.chat import TEMPLATES, render_for, stop_ids, template_for
 
 __all__ = ["GenerationConfig", "KVCache", "LoadedModel", "SparrowForCausalLM", "exact_match", "load", "next_tokens"]
 
@@ -44,9 +43,8 @@ class LoadedModel:
 
     def render_chat(self, messages: Sequence[dict]) -> str:
         """The conversation in the model's own template, ending with the assistant header."""
-        if self.template_name is not None:  # the plain-Python twin of the saved Jinja
-            return render(messages, self.template_name, add_generation_prompt=True)
-        return render_jinja(self.chat_template, messages, add_generation_prompt=True)
+        # A built-in template by name (its plain-Python twin), else the Jinja with the checkpoint's bos/eos texts.
+        return render_for(self.tokenizer, messages, self.template_name or self.chat_template, add_generation_prompt=True)
 
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
         return self.encode(self.render_chat(messages))
@@ -60,17 +58,12 @@ class LoadedModel:
         return self.tokenizer.decode(list(ids))
 
 
-def _tokenizer_config(model_dir: Path) -> dict:
-    """The ``tokenizer_config.json`` beside the model's tokenizer (found as every command finds it)."""
-    path = find_tokenizer(model_dir).parent / "tokenizer_config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def load(model_dir: str, name: str | None = None) -> LoadedModel:
     """A model folder written by a training stage (or a checkpoint's model folder inside its run)."""
     model, tokenizer = load_model_and_tokenizer(model_dir)
     path = Path(model_dir)
-    template = _tokenizer_config(path).get("chat_template") or TEMPLATES["sparrow"]
+    template = template_for(tokenizer)  # tokenizer_config.json's chat template (load_tokenizer read it)
+    template = TEMPLATES.get(template, template)
     if name is None:  # a stage writes <run>/model: the run's folder names the model better than "model"
         resolved = path.resolve()
         name = resolved.parent.name if resolved.name == "model" else resolved.name

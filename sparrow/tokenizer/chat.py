@@ -95,17 +95,43 @@ def _render_qa(messages: Sequence[dict], add_generation_prompt: bool) -> str:
     return "".join(parts)
 
 
-def render(messages: Sequence[dict], template: str = "sparrow", add_generation_prompt: bool = False) -> str:
-    """The conversation as text, in plain Python; equal to :func:`render_jinja` of ``TEMPLATES[template]``."""
+def render(messages: Sequence[dict], template: str = "sparrow", add_generation_prompt: bool = False,
+           **special_tokens: str) -> str:
+    """The conversation as text. ``template``: a name of :data:`TEMPLATES` (rendered in plain Python, equal to
+    :func:`render_jinja` of its Jinja) or a checkpoint's Jinja source (rendered by :func:`render_jinja` with
+    ``special_tokens`` such as ``bos_token``)."""
     if template == "sparrow":
         return render_chat(messages, add_generation_prompt)
     if template == "qa":
         return _render_qa(messages, add_generation_prompt)
-    raise ValueError(f"template: unknown {template!r}; choose one of {sorted(TEMPLATES)}")
+    if "{{" in template or "{%" in template:
+        return render_jinja(template, messages, add_generation_prompt, **special_tokens)
+    raise ValueError(f"template: unknown {template!r}; choose one of {sorted(TEMPLATES)} or give a Jinja template")
 
 
-def render_jinja(source: str, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """Render a chat template the way transformers does (sandboxed Jinja, trim_blocks, lstrip_blocks)."""
+def template_for(tokenizer, template: str | None = None) -> str:
+    """The chat template used with ``tokenizer``: ``template`` when given, else its model folder's
+    (tokenizer_config.json's ``chat_template``, see :func:`sparrow.model_folder.load_tokenizer`): a Sparrow
+    template by its name, another checkpoint's Jinja as is; ``"sparrow"`` when the folder has none."""
+    if template is not None:
+        return template
+    source = getattr(tokenizer, "chat_template", None)
+    if not source:
+        return "sparrow"
+    return next((name for name, jinja in TEMPLATES.items() if jinja == source), source)
+
+
+def render_for(tokenizer, messages: Sequence[dict], template: str | None = None,
+               add_generation_prompt: bool = False) -> str:
+    """:func:`render` with ``tokenizer``'s template (:func:`template_for`) and its checkpoint's bos/eos texts."""
+    return render(messages, template_for(tokenizer, template), add_generation_prompt,
+                  **getattr(tokenizer, "chat_tokens", {}))
+
+
+def render_jinja(source: str, messages: Sequence[dict], add_generation_prompt: bool = False,
+                 **special_tokens: str) -> str:
+    """Render a chat template the way transformers does (sandboxed Jinja, trim_blocks, lstrip_blocks), with the
+    tokenizer's special tokens (``bos_token``, ``eos_token``) as variables."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -114,12 +140,15 @@ def render_jinja(source: str, messages: Sequence[dict], add_generation_prompt: b
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(source).render(messages=list(messages), add_generation_prompt=add_generation_prompt)
+    return env.from_string(source).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                          **special_tokens)
 
 
 def stop_ids(tokenizer) -> list[int]:
-    """The ids generation stops on: end of turn, then end of text (those the tokenizer has)."""
-    return [t for t in (tokenizer.token_to_id(END_OF_TURN), tokenizer.token_to_id(EOT)) if t is not None]
+    """The ids generation stops on: end of turn, end of text (those the tokenizer has), then a checkpoint's eos
+    ids (its template's end of turn, e.g. Llama-3's ``<|eot_id|>``; see :func:`sparrow.model_folder.load_tokenizer`)."""
+    ids = [tokenizer.token_to_id(END_OF_TURN), tokenizer.token_to_id(EOT), *getattr(tokenizer, "eos_ids", ())]
+    return [t for t in dict.fromkeys(ids) if t is not None]
 
 
 def decode_answer(tokenizer, ids) -> str:
@@ -133,6 +162,8 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, allowed_special="all"))
 
 
-def prompt_ids(tokenizer, question: str, template: str = "sparrow") -> list[int]:
-    """Ids of ``question`` asked as a user turn, ready for the assistant's answer."""
-    return encode_text(tokenizer, render([{"role": "user", "content": question}], template, add_generation_prompt=True))
+def prompt_ids(tokenizer, question: str, template: str | None = None) -> list[int]:
+    """Ids of ``question`` asked as a user turn, ready for the assistant's answer; ``template`` defaults to the
+    model's (:func:`template_for`)."""
+    return encode_text(tokenizer, render_for(tokenizer, [{"role": "user", "content": question}], template,
+                                             add_generation_prompt=True))

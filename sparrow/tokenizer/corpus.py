@@ -10,7 +10,6 @@ from typing import Iterable, Sequence
 from ..data.loading import iter_texts
 from ..data.token_file import TokenFileWriter
 from .chat import EOT
-from .encoder import Tokenizer
 
 
 def _batches(texts: Iterable[str], max_chars: int, max_docs: int):
@@ -31,9 +30,15 @@ def tokenize_corpus(sources: str | Sequence[str] | Iterable[str], out: str | os.
                     limit: int | None = None, show_progress: bool = True, batch_chars: int = 8 << 20) -> dict:
     """Tokenize ``sources`` (files/globs/directories/hub names read by :func:`sparrow.data.loading.iter_texts`,
     or an iterable of strings) into ``<out>.bin`` + ``<out>.json``. ``tokenizer``: a
-    :class:`~sparrow.tokenizer.Tokenizer` or a path for :meth:`Tokenizer.from_file`. Returns the metadata."""
-    tok_name = str(tokenizer) if not isinstance(tokenizer, Tokenizer) else tokenizer.name
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
+    tokenizer or a path (a tokenizer.json, its folder or a rank file, opened by
+    :func:`sparrow.tokenizer.hf_fallback.open_tokenizer`: a checkpoint's layout the C++ encoder refuses runs through
+    HF tokenizers). Returns the metadata."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from .hf_fallback import open_tokenizer
+
+        tok_name, tok = str(tokenizer), open_tokenizer(tokenizer)
+    else:
+        tok_name, tok = tokenizer.name, tokenizer
     eot = tok.special_tokens.get(EOT)
     if eot is None:
         raise ValueError(f"tokenizer {tok_name} has no {EOT} token to separate documents")

@@ -60,3 +60,18 @@ class ByteTokenizer:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def write_sft_config(tmp_path, init_from, *, max_steps: int) -> dict:
+    """Writes ``tmp_path/sft.yaml``, a `sparrow sft` config for a tiny run from ``init_from`` on
+    ``tmp_path/sft.jsonl`` into ``tmp_path/sft`` (reference backend, no evaluation, saving or plots), and returns it
+    as a dict for follow-up stages: the Hugging Face fine-tuning tests' shared setup."""
+    import yaml
+
+    stage = {"model": {"init_from": str(init_from), "backend": "reference"},
+             "data": {"seq_len": 64, "micro_batch_size": 4},
+             "train": {"out_dir": str(tmp_path / "sft"), "max_steps": max_steps, "warmup_steps": 1, "lr": 1e-2,
+                       "eval_every": 0, "save_every": 0, "progress": False, "plot": False},
+             "sft": {"data": str(tmp_path / "sft.jsonl")}}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(stage))
+    return stage

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import write_sft_config
 import torch
 import yaml
 
@@ -141,12 +142,7 @@ def test_sft_from_a_llama_folder_uses_its_jinja_template_and_end_of_turn(tmp_pat
     chats = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                            {"role": "assistant", "content": f"It is {a + b}."}]} for a in range(4) for b in range(4)]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
-    stage = {"model": {"init_from": str(folder), "backend": "reference"},
-             "data": {"seq_len": 64, "micro_batch_size": 4},
-             "train": {"out_dir": str(tmp_path / "sft"), "max_steps": 2, "warmup_steps": 1, "lr": 1e-2, "eval_every": 0,
-                       "save_every": 0, "progress": False, "plot": False},
-             "sft": {"data": str(tmp_path / "sft.jsonl")}}
-    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(stage))
+    stage = write_sft_config(tmp_path, folder, max_steps=2)
     assert main(["sft", "--config", str(tmp_path / "sft.yaml")]) == 0
     assert "template the checkpoint's (Jinja)" in capsys.readouterr().out
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import write_sft_config
 import torch
-import yaml
 
 from sparrow import SparrowForCausalLM
 from sparrow.cli import main
@@ -33,12 +33,7 @@ def test_sft_from_a_transformers_checkpoint_and_export_back(tmp_path):
     chats = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]}
              for a in range(4) for b in range(4)]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
-    stage = {"model": {"init_from": str(folder), "backend": "reference"},
-             "data": {"seq_len": 64, "micro_batch_size": 4},
-             "train": {"out_dir": str(tmp_path / "sft"), "max_steps": 3, "warmup_steps": 1, "lr": 1e-2, "eval_every": 0,
-                       "save_every": 0, "progress": False, "plot": False},
-             "sft": {"data": str(tmp_path / "sft.jsonl")}}
-    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(stage))
+    write_sft_config(tmp_path, folder, max_steps=3)
     assert main(["sft", "--config", str(tmp_path / "sft.yaml")]) == 0
 
     tuned = SparrowForCausalLM.from_pretrained(tmp_path / "sft" / "model", backend="reference").eval()

@@ -10,9 +10,9 @@ async copies (``cp.async``, TMA ``cp.async.bulk``) and the tensor-core instructi
 What is checked: for every Triton kernel in ``kernels/`` every config its autotuner KEEPS after its own prune
 function (called here with the target arch, exactly as the autotuner calls it at run time), or the launch
 parameters its wrapper derives for a grid of shapes; every supported head dim; bf16 and fp16; sm_80 and sm_90.
-It fails on a compile error, a spill, shared memory over the arch's per-block limit, an attention main loop
-without async (pipelined) loads at num_stages > 1, or attention dots off the tensor cores (wgmma on sm_90,
-mma.sync on sm_80).
+It fails on a compile error, a spill, shared memory over the arch's per-block limit, an attention or MoE GEMM main
+loop without async (pipelined) loads at num_stages > 1, or attention/GEMM dots off the tensor cores (wgmma on
+sm_90, mma.sync on sm_80).
 
 Results are cached under ``build/static-cache`` keyed by the kernel's source hash (Triton's own cache key, which
 covers the functions it calls), the Triton version and the config, so a rerun compiles only what changed.
@@ -49,7 +49,7 @@ ARCHS = (80, 90)
 # Largest shared memory one block may opt into (CUDA programming guide, compute capability table).
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("bf16", "fp16")
-# The tensor-core instruction each arch's attention dots must use.
+# The tensor-core instruction each arch's attention and MoE GEMM dots must use.
 TC_REQUIRED = {80: "mma.sync", 90: "wgmma"}
 
 # ------------------------------------------------------------------------------------------ ptxas / PTX parsing
@@ -116,12 +116,12 @@ class Job:
     pointers: tuple  # (name, element type or "" for the job dtype)
     floats: tuple = ()
     aligned: tuple = ()  # integer arguments the JIT would see as multiples of 16 (besides stride_*)
-    attention_loop: bool = False  # its main loop must be pipelined and its dots on tensor cores
+    attention_loop: bool = False  # (attention, MoE GEMM) its main loop must be pipelined and its dots on tensor cores
     tensor_cores: bool = True  # (attention_loop only) whether the dots are tensor-core dots at all
     maxnreg: int | None = None  # the config's register cap, as the autotuner passes it
 
     def params(self) -> str:
-        shown = {k: v for k, v in self.constexprs if k.isupper() and k not in ("D", "HEAD_DIM")}
+        shown = {k: v for k, v in self.constexprs if k.isupper() and k not in ("D", "HEAD_DIM", "IEEE")}
         return " ".join(f"{k}={v}" for k, v in shown.items()) + f" w{self.num_warps} s{self.num_stages}"
 
     def cache_key(self, source_key: str, toolchain: str) -> str:
@@ -264,6 +264,46 @@ def _rope_jobs(archs, dtypes, head_dims) -> list[Job]:
     return out
 
 
+# (hidden, moe_intermediate) of the MoE presets in sparrow/model.py (moe-tiny, moe-500m): the grouped GEMMs run at
+# N, K = (2I, H) gate/up and (H, I) down in the forward, the transposes in the input gradient.
+MOE_SHAPES = ((128, 192), (768, 2048))
+
+
+def _moe_jobs(archs, dtypes) -> list[Job]:
+    """The grouped GEMMs of kernels/moe.py as sparrow/ops/triton_moe.py launches them: contiguous activations and
+    weights, so the innermost stride of every operand is 1 (the JIT specializes a 1 to a constant); N and K are
+    runtime integers, seen only by the prune. fp32 runs the IEEE (CUDA-core) dot and is not a training dtype."""
+    from sparrow.kernels import moe as M
+
+    mm_ptrs = (("A", ""), ("W", ""), ("C", ""), ("OFFSETS", "i32"))
+    wg_ptrs = (("G", ""), ("A", ""), ("DW", ""), ("OFFSETS", "i32"))
+    nk = [(2 * i, h) for h, i in MOE_SHAPES] + [(h, i) for h, i in MOE_SHAPES]
+    nk_t = [(k, n) for n, k in nk]
+    kernels = [
+        # (report name, autotuned kernel, fn, pointers, unit strides, the (N, K) the prune sees)
+        ("moe.grouped_mm", M._grouped_mm_tuned, "_grouped_mm_kernel", mm_ptrs,
+         ("stride_ak", "stride_wk", "stride_cn"), nk),
+        ("moe.grouped_mm_dgrad", M._grouped_mm_tuned, "_grouped_mm_kernel", mm_ptrs,
+         ("stride_ak", "stride_wn", "stride_cn"), nk_t),
+        ("moe.grouped_mm_wgrad", M._grouped_mm_wgrad_tuned, "_grouped_mm_wgrad_kernel", wg_ptrs,
+         ("stride_gn", "stride_ak", "stride_dk"), nk),
+    ]
+    out = []
+    for name, tuned, fn, pointers, unit, shapes in kernels:
+        for arch in archs:
+            cfgs = {}
+            for n, k in shapes:
+                for cfg in kept_configs(tuned, dict(N=n, K=k), arch):
+                    cfgs.setdefault(str(cfg), cfg)
+            for cfg in cfgs.values():
+                for dtype in dtypes:
+                    cx = dict(IEEE=False, **{s: 1 for s in unit}, **cfg.kwargs)
+                    out.append(Job(name, "sparrow.kernels.moe", fn, arch, dtype, None, tuple(sorted(cx.items())),
+                                   cfg.num_warps, cfg.num_stages, pointers, aligned=("N", "K"),
+                                   attention_loop=True, maxnreg=cfg.maxnreg))
+    return out
+
+
 def triton_jobs(archs=ARCHS, dtypes=DTYPES, head_dims=None, kernels=None) -> list[Job]:
     from sparrow.kernels.attention import HEAD_DIMS, _interpreting
 
@@ -271,7 +311,8 @@ def triton_jobs(archs=ARCHS, dtypes=DTYPES, head_dims=None, kernels=None) -> lis
         raise RuntimeError("the static check must run without TRITON_INTERPRET=1 (it compiles the GPU code paths)")
     head_dims = tuple(head_dims or HEAD_DIMS)
     jobs = (_attention_jobs(archs, dtypes, head_dims) + _decode_jobs(archs, dtypes, head_dims)
-            + _rms_norm_jobs(archs, dtypes) + _rope_jobs(archs, dtypes, [d for d in head_dims if d % 2 == 0]))
+            + _rms_norm_jobs(archs, dtypes) + _rope_jobs(archs, dtypes, [d for d in head_dims if d % 2 == 0])
+            + _moe_jobs(archs, dtypes))
     # Shapes that map to the same launch parameters compile once (a second identical compile would hit Triton's
     # in-process cache and report no ptxas run).
     jobs = list(dict.fromkeys(jobs))
@@ -489,7 +530,7 @@ def problems(rec: dict) -> list[str]:
         if rec["num_stages"] > 1 and rec["async_copy"] == "none":
             found.append("main loop loads not pipelined (no async copy)")
     if rec.get("needs_tensor_cores"):
-        want = TC_REQUIRED[rec["arch"]] if rec["kernel"].startswith("attention.") else None
+        want = TC_REQUIRED[rec["arch"]] if rec["kernel"].startswith(("attention.", "moe.")) else None
         if rec["tensor_core"] == "none":
             found.append("dots off the tensor cores")
         elif want and rec["tensor_core"] != want:

@@ -159,7 +159,8 @@ def test_committed_results_are_clean(arch):
     assert data["rows"] and all(not r["problems"] for r in data["rows"])
     kernels = {r["kernel"] for r in data["rows"]}
     assert {"attention.fwd", "attention.bwd_dkdv", "attention.bwd_dq", "attention.fwd_varlen", "decode.split",
-            "rms_norm.fwd", "rms_norm.bwd", "rope"} <= kernels
+            "rms_norm.fwd", "rms_norm.bwd", "rope", "moe.grouped_mm", "moe.grouped_mm_dgrad",
+            "moe.grouped_mm_wgrad"} <= kernels
 
 
 def test_split_dkdv_passes_match_one_pass(monkeypatch):

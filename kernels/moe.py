@@ -21,15 +21,11 @@ Accumulation is fp32; fp32 inputs use IEEE products (not TF32) so the result mat
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .attention import _interpreting
 
 
 # Triton's CPU interpreter multiplies bf16 tl.dot operands as raw bits; upcasting the (exactly representable)
@@ -48,19 +44,18 @@ def _dot_acc(a, b, acc, IEEE: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------------ configs
+def _tile_grid(*, bms, bns, bks, stages, warps=(4, 8)):
+    """Every (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) combination, in that nesting order; the prune functions
+    then drop what does not fit."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm in bms for bn in bns for bk in bks for w in warps for st in stages]
+
+
 def _mm_configs():
     if _interpreting():
         # 16 is tl.dot's minimum; tiny test shapes then still cross tile and expert boundaries.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    configs = []
-    for bm in (64, 128):
-        for bn in (64, 128):
-            for bk in (32, 64):
-                for warps in (4, 8):
-                    for stages in (2, 3, 4):
-                        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                                                     num_warps=warps, num_stages=stages))
-    return configs
+    return _tile_grid(bms=(64, 128), bns=(64, 128), bks=(32, 64), stages=(2, 3, 4))
 
 
 def _prune_mm(configs, named_args, **kwargs):
@@ -82,19 +77,11 @@ def _prune_mm(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-# Same loop nest as _mm_configs over other tiles (narrower M, deeper K: the wgrad GEMM reduces over tokens).
+# Narrower M and deeper K than _mm_configs: the wgrad GEMM reduces over tokens.
 def _wgrad_configs():
     if _interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    configs = []
-    for bm in (32, 64):
-        for bn in (64, 128):
-            for bk in (64, 128):
-                for warps in (4, 8):
-                    for stages in (2, 3):
-                        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                                                     num_warps=warps, num_stages=stages))
-    return configs
+    return _tile_grid(bms=(32, 64), bns=(64, 128), bks=(64, 128), stages=(2, 3))
 
 
 def _prune_wgrad(configs, named_args, **kwargs):

@@ -44,6 +44,10 @@ def test_moe_loss_adds_weighted_router_losses_and_counts_every_assignment():
     assert out.expert_counts.shape == (2, 4)
     assert out.expert_counts.sum(1).tolist() == [ids.numel() * 2] * 2
     assert out.aux_loss.item() >= 2.0 - 1e-5  # E * sum f_e P_e >= k, equal only when perfectly balanced
+    with torch.no_grad():  # evaluation: the loss is the cross-entropy alone; the router losses still come back
+        evaluated = model.eval()(ids, labels=ids)
+    torch.testing.assert_close(evaluated.loss, ce.detach())
+    torch.testing.assert_close(evaluated.aux_loss, out.aux_loss.detach())
     out.loss.backward()
     router = model.model.layers[0].mlp.gate.weight
     assert router.grad is not None and router.grad.abs().sum() > 0

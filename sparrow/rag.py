@@ -227,12 +227,30 @@ def evaluate_rag(loaded, index: RagIndex, queries, people_of_chunk: Sequence[int
     closed = [item for _, item in queries]
     template = loaded.template_name
     result = {"questions": len(queries), "k": k, "retrieval_hit_rate": hits / max(len(queries), 1)}
+    correct = {}
     for name, items in (("without_retrieval", closed), ("with_retrieval", opened)):
         scored = exact_match(loaded.model, loaded.tokenizer, items, chat_template=template, max_new_tokens=max_tokens)
+        correct[name] = scored["correct"]
         result[f"exact_match_{name}"] = scored["exact_match"]
         result[f"samples_{name}"] = [{"question": i.question, "expected": i.answer, "got": a}
                                      for i, a in list(zip(items, scored["answers"]))[:3]]
+    only_with = sum(w and not o for w, o in zip(correct["with_retrieval"], correct["without_retrieval"]))
+    only_without = sum(o and not w for w, o in zip(correct["with_retrieval"], correct["without_retrieval"]))
+    result.update(right_only_with_retrieval=only_with, right_only_without_retrieval=only_without,
+                  mcnemar_p=mcnemar_p(only_with, only_without))
     return result
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar test of paired right/wrong outcomes: the probability, if both conditions were
+    equally good, of a split of the ``b + c`` discordant questions at least as uneven as ``b`` : ``c``
+    (binomial with p = 1/2)."""
+    from math import comb
+
+    if b < 0 or c < 0:
+        raise ValueError(f"b, c: counts must be >= 0, got {b}, {c}")
+    n = b + c
+    return min(1.0, 2 * sum(comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
 
 
 def training_records(count: int, *, eval_seed: int = 0, num_people: int = 240, max_passages: int = 2) -> list[dict]:

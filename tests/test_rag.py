@@ -105,6 +105,44 @@ def test_rag_eval_reports_hit_rate_and_exact_match(tmp_path_factory, tmp_path, c
     assert "exact match with retrieval" in capsys.readouterr().out
 
 
+def test_retrieval_fine_tuning_recipe_runs_end_to_end(tmp_path_factory, tmp_path, capsys):
+    """README's recipe at test scale: `sparrow rag records`, `sparrow sft --config configs/sft_rag_tiny.yaml` (from
+    the test's model instead of runs/pretrain-tiny/model, a few steps), `sparrow rag eval --k 1`. The learning
+    gain itself is measured at full scale (README), not asserted here."""
+    from pathlib import Path
+
+    config = Path(__file__).parents[1] / "configs" / "sft_rag_tiny.yaml"
+    start = trained_model(tmp_path_factory)
+    assert main(["rag", "records", str(tmp_path / "rag.jsonl"), "--count", "24"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "rag.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 24 and all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in records)
+    # The test's tokenizer knows few characters (Chinese falls back to bytes): longer sequences than the recipe's.
+    assert main(["sft", "--config", str(config), f"model.init_from={start}", "model.backend=reference",
+                 f"train.out_dir={tmp_path / 'sft'}", "train.max_steps=2", "train.warmup_steps=1", "train.eval_every=0",
+                 "train.save_every=0", "train.progress=false", "train.plot=false", "data.micro_batch_size=4",
+                 "data.seq_len=512", "sft.max_length=512", f"sft.data={tmp_path / 'rag.jsonl'}"]) == 0
+    out = tmp_path / "rag_eval.json"
+    capsys.readouterr()
+    assert main(["rag", "eval", str(tmp_path / "sft" / "model"), "--k", "1", "--limit", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "McNemar exact p" in printed and "right only with / only without" in printed
+    result = json.loads(out.read_text(encoding="utf-8"))
+    n, with_, without = result["questions"], result["exact_match_with_retrieval"], result["exact_match_without_retrieval"]
+    assert n == 8 and result["k"] == 1 and 0 <= result["mcnemar_p"] <= 1
+    only_with, only_without = result["right_only_with_retrieval"], result["right_only_without_retrieval"]
+    assert round((with_ - without) * n) == only_with - only_without  # the paired counts agree with the rates
+
+
+def test_mcnemar_exact_p():
+    from sparrow.rag import mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0
+    assert mcnemar_p(5, 0) == mcnemar_p(0, 5) == 2 / 2 ** 5
+    assert abs(mcnemar_p(15, 2) - 2 * (1 + 17 + 136) / 2 ** 17) < 1e-12
+    with pytest.raises(ValueError, match="b, c"):
+        mcnemar_p(-1, 2)
+
+
 def test_chat_and_serve_put_retrieved_passages_before_the_question(tmp_path_factory, tmp_path, monkeypatch, capsys):
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")

@@ -89,7 +89,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from ..generate import stream_text
     from ..model_folder import load_model_and_tokenizer
-    from ..tokenizer.chat import encode_text, render_for
+    from ..tokenizer.chat import encode_messages
 
     model, tok = load_model_and_tokenizer(args.model)
     config = _sampling(args, tok)
@@ -111,11 +111,11 @@ def run_chat(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": index.augment(line) if index is not None else line})
-        prompt = encode_text(tok, render_for(tok, messages, args.template, add_generation_prompt=True))
+        prompt = encode_messages(tok, messages, args.template, add_generation_prompt=True)
         if len(prompt) + config.max_new_tokens > model.config.max_position_embeddings:
             print("(context full: starting over)")
             messages = messages[-1:]
-            prompt = encode_text(tok, render_for(tok, messages, args.template, add_generation_prompt=True))
+            prompt = encode_messages(tok, messages, args.template, add_generation_prompt=True)
         pieces = []
         for piece in stream_text(model, tok, prompt, config):
             print(piece, end="", flush=True)

@@ -98,7 +98,10 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate_rag(load(args.model), index, queries, [d["person"] for d in docs], k=args.k)
     rows = [("questions", str(result["questions"])), (f"retrieval hit rate (top {args.k})", f"{result['retrieval_hit_rate']:.3f}"),
             ("exact match without retrieval", f"{result['exact_match_without_retrieval']:.3f}"),
-            ("exact match with retrieval", f"{result['exact_match_with_retrieval']:.3f}")]
+            ("exact match with retrieval", f"{result['exact_match_with_retrieval']:.3f}"),
+            ("right only with / only without", f"{result['right_only_with_retrieval']} / "
+                                               f"{result['right_only_without_retrieval']}"),
+            ("McNemar exact p (two-sided)", f"{result['mcnemar_p']:.2g}")]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

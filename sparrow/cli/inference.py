@@ -33,6 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--system", default=None)
     parser.add_argument("--rag", default=None, metavar="INDEX", help="put passages retrieved from INDEX (`sparrow rag "
                         "index`) before each question")
+    parser.add_argument("--rag-k", type=int, default=2, help="passages retrieved per question")
     _add_sampling(parser)
     parser.set_defaults(func=run_chat, temperature=0.7, top_p=0.9)
 
@@ -110,7 +111,7 @@ def run_chat(args: argparse.Namespace) -> int:
         if line == "/reset":
             messages = messages[:1] if args.system else []
             continue
-        messages.append({"role": "user", "content": index.augment(line) if index is not None else line})
+        messages.append({"role": "user", "content": index.augment(line, args.rag_k) if index is not None else line})
         prompt = encode_messages(tok, messages, args.template, add_generation_prompt=True)
         if len(prompt) + config.max_new_tokens > model.config.max_position_embeddings:
             print("(context full: starting over)")

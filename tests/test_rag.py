@@ -89,6 +89,8 @@ def test_world_retrieval_puts_passages_in_the_reading_task_layout():
     assert len(records) == 20 and all(r["messages"][0]["content"].count("\n") in (1, 2) for r in records)
     from sparrow.data.builtin_corpus import World
 
+    with pytest.raises(ValueError, match="questions"):
+        training_records(1, questions=6)
     text = "".join(r["messages"][0]["content"] for r in training_records(400))
     assert not [p.name_en for p in World(0).people if p.name_en in text]  # other worlds' people
 
@@ -113,9 +115,14 @@ def test_retrieval_fine_tuning_recipe_runs_end_to_end(tmp_path_factory, tmp_path
 
     config = Path(__file__).parents[1] / "configs" / "sft_rag_tiny.yaml"
     start = trained_model(tmp_path_factory)
-    assert main(["rag", "records", str(tmp_path / "rag.jsonl"), "--count", "24"]) == 0
+    assert main(["rag", "records", str(tmp_path / "rag.jsonl"), "--count", "24", "--max-passages", "1",
+                 "--questions", "5"]) == 0
     records = [json.loads(line) for line in (tmp_path / "rag.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(records) == 24 and all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in records)
+    assert len(records) == 24 and all([m["role"] for m in r["messages"]] == ["user", "assistant"] * 5 for r in records)
+    for r in records:  # the passage opens the conversation, then five questions about its person's five facts
+        turns = [m["content"] for m in r["messages"]]
+        assert turns[0].count("\n") == 1 and all("\n" not in t for t in turns[1:])
+        assert all(answer in turns[0] for answer in turns[1::2])
     # The test's tokenizer knows few characters (Chinese falls back to bytes): longer sequences than the recipe's.
     assert main(["sft", "--config", str(config), f"model.init_from={start}", "model.backend=reference",
                  f"train.out_dir={tmp_path / 'sft'}", "train.max_steps=2", "train.warmup_steps=1", "train.eval_every=0",
@@ -131,6 +138,32 @@ def test_retrieval_fine_tuning_recipe_runs_end_to_end(tmp_path_factory, tmp_path
     assert n == 8 and result["k"] == 1 and 0 <= result["mcnemar_p"] <= 1
     only_with, only_without = result["right_only_with_retrieval"], result["right_only_without_retrieval"]
     assert round((with_ - without) * n) == only_with - only_without  # the paired counts agree with the rates
+    kinds = result["by_question_kind"]
+    assert sum(k["questions"] for k in kinds.values()) == n and set(kinds) <= {
+        f"{lang} {kind}" for lang in ("en", "zh") for kind in ("city", "age", "job", "color", "pet")}
+
+
+def test_sft_starts_a_new_model_when_given_only_a_tokenizer(tmp_path_factory, tmp_path, capsys):
+    """model.init_from null + sft.tokenizer: a new model.preset model with the tokenizer's vocabulary; any other
+    stage, or sft without a tokenizer, still names the missing starting model."""
+    from pathlib import Path
+
+    from sparrow import SparrowForCausalLM
+    from sparrow.tokenizer import Tokenizer
+
+    config = Path(__file__).parents[1] / "configs" / "sft_rag_tiny.yaml"
+    tokenizer = trained_model(tmp_path_factory) / "tokenizer.json"
+    assert main(["rag", "records", str(tmp_path / "rag.jsonl"), "--count", "8"]) == 0
+    common = [f"train.out_dir={tmp_path / 'new'}", "train.max_steps=1", "train.warmup_steps=1", "train.eval_every=0",
+              "train.save_every=0", "train.progress=false", "train.plot=false", "model.backend=reference",
+              "model.num_hidden_layers=1", "data.micro_batch_size=2", "data.seq_len=512", "sft.max_length=512",
+              f"sft.data={tmp_path / 'rag.jsonl'}", "model.init_from=null"]
+    assert main(["sft", "--config", str(config), *common]) == 2
+    assert "sft.tokenizer" in capsys.readouterr().err
+    assert main(["sft", "--config", str(config), *common, f"sft.tokenizer={tokenizer}"]) == 0
+    model = SparrowForCausalLM.from_pretrained(tmp_path / "new" / "model")
+    assert model.config.vocab_size == Tokenizer.from_file(tokenizer).vocab_size and model.config.num_hidden_layers == 1
+    assert (tmp_path / "new" / "model" / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
 
 
 def test_mcnemar_exact_p():

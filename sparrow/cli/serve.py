@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     records.add_argument("out", help="output .jsonl")
     records.add_argument("--count", type=int, default=6000)
     records.add_argument("--max-passages", type=int, default=2)
+    records.add_argument("--questions", type=int, default=1,
+                         help="questions about the passage's person, one per turn (1-5): more to learn per passage")
     records.set_defaults(func=run_records)
 
 
@@ -116,7 +118,7 @@ def run_records(args: argparse.Namespace) -> int:
     from ..data.builtin_corpus import write_jsonl
     from ..rag import training_records
 
-    records = training_records(args.count, max_passages=args.max_passages)
+    records = training_records(args.count, max_passages=args.max_passages, questions=args.questions)
     write_jsonl((json.dumps(r, ensure_ascii=False) for r in records), args.out, field=None)
     print(f"wrote {len(records)} conversations to {args.out}")
     return 0

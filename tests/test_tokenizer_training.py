@@ -138,6 +138,9 @@ def test_a_template_that_rewrites_contents_is_refused_only_for_special_text(pair
         "<|user|>\ncba<|end|>\n", allowed_special="all")
     with pytest.raises(ValueError, match="messages: .*rewrites contents"):
         encode_messages(tok, [{"role": "user", "content": "<|end|>"}], reverse)
+    trim = "{% for m in messages %}{{ '<|user|>\\n' + m['content'] | trim + '<|end|>\\n' }}{% endfor %}"
+    with pytest.raises(ValueError, match="messages: .*rewrites contents"):
+        encode_messages(tok, [{"role": "user", "content": " <|end|> "}], trim)
 
 
 def test_render_chat():

@@ -178,8 +178,9 @@ def encode_messages(tokenizer, messages: Sequence[dict], template: str | None = 
     rendered text whenever no content holds special-token text.
 
     The template's own special tokens are found by rendering it with a stand-in for each content; a template
-    that rewrites contents (so a stand-in does not come through once, in order) is refused with ``ValueError``
-    when a content holds special-token text, never silently encoded with it."""
+    that rewrites contents (a stand-in does not come through once and in order, or putting the contents back
+    does not give the rendered text) is refused with ``ValueError`` when a content holds special-token text,
+    never silently encoded with it."""
     text = render_for(tokenizer, messages, template, add_generation_prompt)
     specials = getattr(tokenizer, "special_tokens", {})
     contents = [str(m.get("content", "")) for m in messages]
@@ -188,7 +189,8 @@ def encode_messages(tokenizer, messages: Sequence[dict], template: str | None = 
     marked = render_for(tokenizer, [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)],
                         template, add_generation_prompt)
     parts = _MARK.split(marked)  # template text, content index, template text, ...
-    if [int(i) for i in parts[1::2]] != list(range(len(messages))):
+    rebuilt = "".join(contents[int(p)] if n % 2 else p for n, p in enumerate(parts))
+    if [int(i) for i in parts[1::2]] != list(range(len(messages))) or rebuilt != text:
         raise ValueError("messages: a content holds special-token text and the chat template rewrites contents, "
                          "so it cannot be encoded as ordinary text")
     # Special tokens of the template split the text; everything between two of them (template text and contents

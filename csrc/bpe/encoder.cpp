@@ -8,6 +8,10 @@
 #include <queue>
 #include <unordered_map>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "bpe/json.h"
 #include "bpe/pretokenize_impl.h"
 #include "bpe/unicode.h"
@@ -61,6 +65,98 @@ inline size_t next_pow2(size_t n) {
   return c;
 }
 
+// Zero-filled memory for the tables the encoder probes at random (the vocabulary's pair and token
+// tables, megabytes each, and the per-thread piece cache). On 4 KiB pages nearly every probe of a
+// table that size also misses the TLB; on Linux a region of 2 MiB or more is mapped on its own,
+// 2 MiB-aligned, and advised for transparent huge pages before anything touches it, so it faults in
+// as a few huge pages (under the usual `madvise` THP policy). Smaller ones, or where mapping fails,
+// come from calloc. Either way fresh pages are zero and untouched ones cost nothing.
+class ZeroedRegion {
+ public:
+  static constexpr size_t kHuge = size_t{2} << 20;
+  ZeroedRegion() = default;
+  explicit ZeroedRegion(size_t bytes) {
+    if (bytes == 0) return;
+#if defined(__linux__)
+    if (bytes >= kHuge) {
+      const size_t size = (bytes + kHuge - 1) & ~(kHuge - 1);
+      void* base = mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (base != MAP_FAILED) {
+        const uintptr_t b = reinterpret_cast<uintptr_t>(base);
+        const uintptr_t start = (b + kHuge - 1) & ~uintptr_t{kHuge - 1};
+        if (start > b) munmap(base, start - b);
+        if (b + size + kHuge > start + size) munmap(reinterpret_cast<void*>(start + size), b + size + kHuge - start - size);
+        madvise(reinterpret_cast<void*>(start), size, MADV_HUGEPAGE);
+        p_ = reinterpret_cast<void*>(start);
+        bytes_ = size;
+        mapped_ = true;
+        return;
+      }
+    }
+#endif
+    raw_ = std::calloc(1, bytes + 64);
+    if (!raw_) throw std::bad_alloc();
+    p_ = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw_) + 63) & ~uintptr_t{63});
+    bytes_ = bytes;
+  }
+  ZeroedRegion(const ZeroedRegion&) = delete;
+  ZeroedRegion& operator=(const ZeroedRegion&) = delete;
+  ZeroedRegion(ZeroedRegion&& o) noexcept { swap(o); }
+  ZeroedRegion& operator=(ZeroedRegion&& o) noexcept {
+    ZeroedRegion(std::move(o)).swap(*this);
+    return *this;
+  }
+  ~ZeroedRegion() {
+#if defined(__linux__)
+    if (mapped_) {
+      munmap(p_, bytes_);
+      return;
+    }
+#endif
+    std::free(raw_);
+  }
+  void swap(ZeroedRegion& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(raw_, o.raw_);
+    std::swap(bytes_, o.bytes_);
+    std::swap(mapped_, o.mapped_);
+  }
+  void* get() const { return p_; }
+
+ private:
+  void* p_ = nullptr;
+  void* raw_ = nullptr;
+  size_t bytes_ = 0;
+  bool mapped_ = false;
+};
+
+// A fixed-size array of trivially copyable T in a ZeroedRegion.
+template <class T>
+class Table {
+ public:
+  void assign(size_t n, const T& fill) {
+    ZeroedRegion r(n * sizeof(T));
+    region_.swap(r);
+    n_ = n;
+    T* p = data();
+    for (size_t i = 0; i < n; ++i) p[i] = fill;
+  }
+  void swap(Table& o) noexcept {
+    region_.swap(o.region_);
+    std::swap(n_, o.n_);
+  }
+  size_t size() const { return n_; }
+  T* data() const { return static_cast<T*>(region_.get()); }
+  T& operator[](size_t i) { return data()[i]; }
+  const T& operator[](size_t i) const { return data()[i]; }
+  T* begin() const { return data(); }
+  T* end() const { return data() + n_; }
+
+ private:
+  ZeroedRegion region_;
+  size_t n_ = 0;
+};
+
 constexpr uint32_t kNoRank = 0xFFFFFFFFu;
 
 }  // namespace
@@ -73,7 +169,7 @@ struct Encoder::Tables {
     uint32_t merged;
   };
   static constexpr uint64_t kEmpty = ~0ull;
-  std::vector<PairSlot> pairs;
+  Table<PairSlot> pairs;
   size_t pair_mask = 0;
   size_t pair_count = 0;
 
@@ -86,7 +182,7 @@ struct Encoder::Tables {
     uint32_t len;
     unsigned char bytes[kInline];
   };
-  std::vector<TokSlot> toks;
+  Table<TokSlot> toks;
   size_t tok_mask = 0;
   size_t tok_count = 0;
   const std::vector<std::string>* id_bytes = nullptr;
@@ -106,7 +202,7 @@ struct Encoder::Tables {
   }
   void put_pair(uint32_t l, uint32_t r, uint32_t rank, uint32_t merged) {
     if ((pair_count + 1) * 2 > pairs.size()) {
-      std::vector<PairSlot> old;
+      Table<PairSlot> old;
       old.swap(pairs);
       pairs.assign(old.size() * 2, PairSlot{kEmpty, 0, 0});
       pair_mask = pairs.size() - 1;
@@ -157,6 +253,7 @@ struct Encoder::Tables {
     }
   }
   inline int64_t find_token(const unsigned char* p, size_t n) const { return find_token(p, n, hash_bytes(p, n)); }
+  inline void prefetch_token(uint64_t h) const { __builtin_prefetch(&toks[h & tok_mask]); }
   inline int64_t find_token(const unsigned char* p, size_t n, uint64_t h) const {
     size_t i = h & tok_mask;
     while (true) {
@@ -657,23 +754,12 @@ struct PieceCache {
   PairEntry pairs[kPairs];
 };
 
-// calloc'd (aligned by hand: calloc gives 16-byte alignment): for a block this size it maps fresh zero
-// pages, so a short-lived batch worker pays only for the entries it touches, not a 4 MiB memset.
-struct CacheDeleter {
-  void* base;
-  void operator()(PieceCache*) const { std::free(base); }
-};
-
 PieceCache& thread_cache() {
-  // Heap-allocated: a 4 MiB thread_local array would not fit the static TLS of a dlopen()ed module.
-  static thread_local std::unique_ptr<PieceCache, CacheDeleter> cache(nullptr, CacheDeleter{nullptr});
-  if (!cache) {
-    void* base = std::calloc(1, sizeof(PieceCache) + 64);
-    if (!base) throw std::bad_alloc();
-    const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t{63};
-    cache = std::unique_ptr<PieceCache, CacheDeleter>(reinterpret_cast<PieceCache*>(aligned), CacheDeleter{base});
-  }
-  return *cache;
+  // Heap-allocated (a 4 MiB thread_local array would not fit the static TLS of a dlopen()ed module), in
+  // fresh zero pages: a short-lived batch worker pays only for the entries it touches, not a memset.
+  static thread_local ZeroedRegion region;
+  if (!region.get()) region = ZeroedRegion(sizeof(PieceCache));
+  return *static_cast<PieceCache*>(region.get());
 }
 
 inline uint32_t load32(const unsigned char* p) {

@@ -317,6 +317,13 @@ PYBIND11_MODULE(_bpe, m) {
       .def_property_readonly("vocab_size", &Encoder::vocab_size)
       .def_property_readonly("num_merges", &Encoder::num_merges)
       .def_property_readonly("pattern", [](const Encoder& e) { return std::string(sparrow::bpe::pattern_name(e.pattern())); })
+      .def_property_readonly("digit_split", [](const Encoder& e) {
+            switch (e.digit_split()) {
+              case sparrow::bpe::DigitSplit::kRuns: return std::string("runs");
+              case sparrow::bpe::DigitSplit::kEach: return std::string("individual");
+              default: return std::string("");
+            }
+          }, "The Digits pre-tokenizer before the split pattern: '', 'runs' or 'individual'.")
       .def_property_readonly("normalizer", [](const Encoder& e) { return e.normalizer(); },
                              "'' or 'NFC' (tokenizer.json normalizer the caller applies before encoding)")
       .def_property_readonly("special_tokens", [](const Encoder& e) {

@@ -51,6 +51,16 @@ LAYOUTS = {
     "mistral-nemo-like": (lambda: split_then_bytes(O200K), None, False, [("<s>", True), ("[INST]", True)]),
     "gpt2": (lambda: pre_tokenizers.ByteLevel(add_prefix_space=False), None, False, [("<|endoftext|>", True)]),
     "nfkc-llama3": (lambda: split_then_bytes(LLAMA3), lambda: normalizers.NFKC(), False, [("<|eot_id|>", True)]),
+    # Digits before the split: one token per digit (individual_digits=True) in front of GPT-2's ByteLevel
+    # regex, as a tokenizer for arithmetic would have it; digit runs in front of Llama-3's Split.
+    "digits-gpt2": (lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+                    None, False, [("<|endoftext|>", True)]),
+    "digit-runs-llama3": (lambda: pre_tokenizers.Sequence([
+                              pre_tokenizers.Digits(individual_digits=False),
+                              pre_tokenizers.Split(Regex(LLAMA3), behavior="isolated", invert=False),
+                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+                          None, False, [("<|eot_id|>", True)]),
 }
 
 
@@ -95,14 +105,16 @@ def sparrow_ids(tok, text):
 def test_layout_loads_with_its_pattern(pair):
     family, hf, tok = pair
     expected = {"llama3": "llama3", "qwen2": "qwen2", "gpt-oss": "o200k", "mistral-nemo-like": "o200k",
-                "gpt2": "gpt2", "nfkc-llama3": "llama3"}[family]
+                "gpt2": "gpt2", "nfkc-llama3": "llama3", "digits-gpt2": "gpt2", "digit-runs-llama3": "llama3"}[family]
     assert tok.pattern == expected
+    assert tok.digit_split == {"digits-gpt2": "individual", "digit-runs-llama3": "runs"}.get(family, "")
 
 
 def test_edge_cases_match_hf(pair):
     family, hf, tok = pair
     extra = ["Ünïcödé ﬁ ①②③ Å Å", "e\u0301 vs é", "<|im_start|>user\nhi<|im_end|>", "x<think>y", "1234567 89",
-             "Hello <|eot_id|> there\n\n", "  \n  ", "a\r\n\r\n b"]
+             "Hello <|eot_id|> there\n\n", "  \n  ", "a\r\n\r\n b", "a  1", "x 12 y  345\n6", "١٢٣ ½⅓ Ⅻ ²",
+             "3.14159+2=5.14159", "  7"]
     for text in EDGE_CASES + extra:
         assert sparrow_ids(tok, text) == hf_ids(hf, text), (family, text)
 
@@ -161,9 +173,12 @@ def test_unknown_split_regex_refused_by_name(tmp_path):
 
 
 def test_other_components_refused_by_name(tmp_path):
-    digits = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    assert "Digits" in refusal(tmp_path, digits)
+    digits_after = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3), behavior="isolated"),
+                                            pre_tokenizers.Digits(individual_digits=True),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert "Digits only as its first step" in refusal(tmp_path, digits_after)
+    assert "Punctuation" in refusal(tmp_path, pre_tokenizers.Sequence([pre_tokenizers.Punctuation(),
+                                                                       pre_tokenizers.ByteLevel()]))
     assert "Lowercase" in refusal(tmp_path, pre_tokenizers.ByteLevel(add_prefix_space=False), normalizers.Lowercase())
     merged = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3), behavior="merged_with_previous"),
                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

@@ -454,27 +454,48 @@ void check_byte_level(const json::Value* pt, bool want_regex) {
                                  : "tokenizer.json: ByteLevel use_regex=true after a Split is not supported");
 }
 
+struct PreTokenizer {
+  Pattern pattern;
+  DigitSplit digits;
+};
+
 // The pre-tokenizer layouts of byte-level BPE files: ByteLevel (its own GPT-2 regex), or
-// Sequence[Split(regex, Isolated), ByteLevel(use_regex=false)]. Anything else is refused by name.
-Pattern pre_tokenizer_pattern(const json::Value* pt) {
+// Sequence[Split(regex, Isolated), ByteLevel(use_regex=false)], either one optionally preceded by
+// Digits (Sequence[Digits, ByteLevel] / Sequence[Digits, Split, ByteLevel(use_regex=false)]). Anything
+// else is refused by name.
+PreTokenizer pre_tokenizer_layout(const json::Value* pt) {
   if (!pt || pt->is_null())
     throw FormatError("tokenizer.json: no pre_tokenizer; only byte-level BPE (ByteLevel pre-tokenizer) is supported");
   const std::string t = type_of(pt);
   if (t == "ByteLevel") {
     check_byte_level(pt, true);
-    return Pattern::kGpt2;
+    return {Pattern::kGpt2, DigitSplit::kNone};
   }
   if (t == "Sequence") {
     const json::Value* list = pt->get("pretokenizers");
     if (!list || list->type != json::Value::kArray) throw FormatError("tokenizer.json: pre_tokenizer Sequence without a list");
     for (const auto& item : list->items) {
       const std::string it = type_of(&item);
-      if (it != "Split" && it != "ByteLevel")
+      if (it != "Split" && it != "ByteLevel" && it != "Digits")
         throw FormatError("tokenizer.json: unsupported pre_tokenizer '" + it + "' in Sequence");
     }
-    if (list->items.size() == 1) return pre_tokenizer_pattern(&list->items[0]);
-    if (list->items.size() == 2 && type_of(&list->items[0]) == "Split" && type_of(&list->items[1]) == "ByteLevel") {
-      const json::Value& split = list->items[0];
+    std::vector<const json::Value*> items;
+    for (const auto& item : list->items) items.push_back(&item);
+    DigitSplit digits = DigitSplit::kNone;
+    if (!items.empty() && type_of(items[0]) == "Digits") {
+      const json::Value* each = items[0]->get("individual_digits");
+      digits = truthy(each) ? DigitSplit::kEach : DigitSplit::kRuns;
+      items.erase(items.begin());
+    }
+    for (const json::Value* item : items)
+      if (type_of(item) == "Digits")
+        throw FormatError("tokenizer.json: unsupported pre_tokenizer Sequence layout (Digits only as its first step)");
+    if (items.size() == 1 && type_of(items[0]) == "ByteLevel") {
+      check_byte_level(items[0], true);
+      return {Pattern::kGpt2, digits};
+    }
+    if (items.size() == 2 && type_of(items[0]) == "Split" && type_of(items[1]) == "ByteLevel") {
+      const json::Value& split = *items[0];
       const json::Value* behavior = split.get("behavior");
       if (!behavior || behavior->type != json::Value::kString || behavior->str != "Isolated")
         throw FormatError("tokenizer.json: unsupported Split behavior '" +
@@ -485,11 +506,11 @@ Pattern pre_tokenizer_pattern(const json::Value* pt) {
       const json::Value* regex = pattern ? pattern->get("Regex") : nullptr;
       if (!regex || regex->type != json::Value::kString)
         throw FormatError("tokenizer.json: unsupported Split pattern (only a Regex pattern is supported)");
-      check_byte_level(&list->items[1], false);
-      return split_regex_pattern(regex->str);
+      check_byte_level(items[1], false);
+      return {split_regex_pattern(regex->str), digits};
     }
-    throw FormatError("tokenizer.json: unsupported pre_tokenizer Sequence layout (supported: [ByteLevel] and "
-                      "[Split, ByteLevel(use_regex=false)])");
+    throw FormatError("tokenizer.json: unsupported pre_tokenizer Sequence layout (supported: [ByteLevel], "
+                      "[Split, ByteLevel(use_regex=false)], each optionally after Digits)");
   }
   throw FormatError("tokenizer.json: unsupported pre_tokenizer '" + t + "'");
 }
@@ -558,7 +579,7 @@ std::unique_ptr<Encoder> Encoder::from_hf_json(std::string_view text) {
   if (!null_or_empty(model->get("continuing_subword_prefix")) || !null_or_empty(model->get("end_of_word_suffix")))
     throw FormatError("tokenizer.json: continuing_subword_prefix / end_of_word_suffix are not supported");
   const std::string normalizer = normalizer_name(doc.get("normalizer"));
-  const Pattern pattern = pre_tokenizer_pattern(doc.get("pre_tokenizer"));
+  const PreTokenizer pre = pre_tokenizer_layout(doc.get("pre_tokenizer"));
 
   const json::Value* vocab = model->get("vocab");
   const json::Value* merges = model->get("merges");
@@ -566,7 +587,8 @@ std::unique_ptr<Encoder> Encoder::from_hf_json(std::string_view text) {
   if (!merges || merges->type != json::Value::kArray) throw FormatError("tokenizer.json: model.merges is not a list");
 
   std::unique_ptr<Encoder> enc(new Encoder);
-  enc->pattern_ = pattern;
+  enc->pattern_ = pre.pattern;
+  enc->digits_ = pre.digits;
   enc->normalizer_ = normalizer;
   enc->whole_piece_lookup_ = truthy(model->get("ignore_merges"));
   const json::Value* added_list = doc.get("added_tokens");
@@ -990,6 +1012,30 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
 }
 
 void Encoder::encode_span(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
+  if (digits_ != DigitSplit::kNone) {
+    // Digits first: numbers (each run, or each character) and the text between them are segments that
+    // the split pattern then sees one at a time, as separate texts.
+    size_t i = 0;
+    while (i < n) {
+      size_t j = i;
+      bool digit = false;
+      while (j < n) {
+        const piece::Ch c = piece::at(s, n, j);
+        const bool d = (c.f & kNumber) != 0;
+        if (j > i && d != digit) break;
+        digit = d;
+        j += c.len;
+        if (d && digits_ == DigitSplit::kEach) break;
+      }
+      encode_pattern(s + i, j - i, out);
+      i = j;
+    }
+    return;
+  }
+  encode_pattern(s, n, out);
+}
+
+void Encoder::encode_pattern(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
   switch (pattern_) {
     case Pattern::kGpt2: return encode_span_t<Pattern::kGpt2>(s, n, out);
     case Pattern::kCl100k: return encode_span_t<Pattern::kCl100k>(s, n, out);

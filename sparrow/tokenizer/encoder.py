@@ -255,6 +255,12 @@ class Tokenizer:
     def pattern(self) -> str:
         return self._enc.pattern
 
+    @property
+    def digit_split(self) -> str:
+        """The tokenizer.json's Digits pre-tokenizer, applied before the pattern: "" (none), "runs"
+        (individual_digits=false) or "individual" (individual_digits=true)."""
+        return self._enc.digit_split
+
     def token_to_id(self, token: str | bytes) -> int | None:
         """The id of a token given by its text (str) or raw bytes, or None. (For HF-style byte-level
         strings such as "Ġthe", pass the raw text " the".)"""

@@ -16,6 +16,7 @@ tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("hypothesis")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
 from sparrow.tokenizer import Tokenizer  # noqa: E402
@@ -29,9 +30,15 @@ QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{
 O200K = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
          r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
          r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-DEEPSEEK_V3 = [r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+",
-               r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|"
-               r"\s*[\r\n]+|\s+(?!\S)|\s+"]
+# DeepSeek-V3's three Splits as its tokenizer.json spells them (literal CR/LF characters in the third).
+DEEPSEEK_V3 = ["\\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+               "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+|"
+               " ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"]
+
+
+def deepseek_v3(splits=DEEPSEEK_V3):
+    return pre_tokenizers.Sequence([*(pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in splits),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 def split_then_bytes(regex: str):
@@ -53,6 +60,8 @@ LAYOUTS = {
     "nfkc-llama3": (lambda: split_then_bytes(LLAMA3), lambda: normalizers.NFKC(), False, [("<|eot_id|>", True)]),
     # Digits before the split: one token per digit (individual_digits=True) in front of GPT-2's ByteLevel
     # regex, as a tokenizer for arithmetic would have it; digit runs in front of Llama-3's Split.
+    "deepseek-v3": (deepseek_v3, None, False,
+                    [("<｜begin▁of▁sentence｜>", True), ("<｜end▁of▁sentence｜>", True), ("<think>", False)]),
     "digits-gpt2": (lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False)]),
                     None, False, [("<|endoftext|>", True)]),
@@ -105,7 +114,8 @@ def sparrow_ids(tok, text):
 def test_layout_loads_with_its_pattern(pair):
     family, hf, tok = pair
     expected = {"llama3": "llama3", "qwen2": "qwen2", "gpt-oss": "o200k", "mistral-nemo-like": "o200k",
-                "gpt2": "gpt2", "nfkc-llama3": "llama3", "digits-gpt2": "gpt2", "digit-runs-llama3": "llama3"}[family]
+                "gpt2": "gpt2", "nfkc-llama3": "llama3", "deepseek-v3": "deepseek_v3", "digits-gpt2": "gpt2",
+                "digit-runs-llama3": "llama3"}[family]
     assert tok.pattern == expected
     assert tok.digit_split == {"digits-gpt2": "individual", "digit-runs-llama3": "runs"}.get(family, "")
 
@@ -162,10 +172,10 @@ def refusal(tmp_path, pre=None, norm=None, ignore_merges=False):
     return str(info.value)
 
 
-def test_deepseek_v3_layout_refused_by_name(tmp_path):
-    pre = pre_tokenizers.Sequence([*(pre_tokenizers.Split(Regex(r), behavior="isolated") for r in DEEPSEEK_V3),
-                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    assert "Sequence layout" in refusal(tmp_path, pre)
+def test_deepseek_v3_variants_refused_by_name(tmp_path):
+    # One character changed in the third Split, or the Splits reordered: not DeepSeek-V3's layout.
+    assert "Sequence layout" in refusal(tmp_path, deepseek_v3([*DEEPSEEK_V3[:2], DEEPSEEK_V3[2].replace("[A-Za-z]+", "[A-Za-z]*")]))
+    assert "Sequence layout" in refusal(tmp_path, deepseek_v3(DEEPSEEK_V3[::-1]))
 
 
 def test_unknown_split_regex_refused_by_name(tmp_path):
@@ -207,3 +217,18 @@ def test_family_pretokenizers_match_their_regex(name, text):
     # Text with code points Python's Unicode 14 leaves unassigned is passed over there; the HF comparisons
     # above cover it.
     assert_pretokenizer_matches_regex(name, text)
+
+
+DEEPSEEK_CHARS = st.sampled_from(list("aZé \n\r\t.,'(\"-_1239#$") + [
+    "你", "カ", "・", "゛", "\u3099", "\u0301", "\u200d", "\x00", "½", "😀", "\u00a0", "\u3000", "ー", "。", "Ω", "€", "゠"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.one_of(TEXT, st.lists(DEEPSEEK_CHARS, max_size=16).map("".join)))
+def test_deepseek_v3_pretokenizer_matches_hf(text):
+    """The one-pass DeepSeek-V3 splitter gives the pieces of HF's three Splits in sequence, CJK-range runs
+    holding punctuation (・, ゠) and marks (゛) included."""
+    from sparrow import _bpe
+
+    splits = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated") for r in DEEPSEEK_V3])
+    assert _bpe.pretokenize(text, "deepseek_v3") == [p for p, _ in splits.pre_tokenize_str(text)]

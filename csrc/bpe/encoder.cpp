@@ -454,6 +454,31 @@ void check_byte_level(const json::Value* pt, bool want_regex) {
                                  : "tokenizer.json: ByteLevel use_regex=true after a Split is not supported");
 }
 
+// An Isolated, non-inverted Split's regex, or "" for anything else.
+std::string isolated_split_regex(const json::Value* split) {
+  if (type_of(split) != "Split") return "";
+  const json::Value* behavior = split->get("behavior");
+  if (!behavior || behavior->type != json::Value::kString || behavior->str != "Isolated" || truthy(split->get("invert")))
+    return "";
+  const json::Value* pattern = split->get("pattern");
+  const json::Value* regex = pattern ? pattern->get("Regex") : nullptr;
+  return regex && regex->type == json::Value::kString ? regex->str : "";
+}
+
+// DeepSeek-V3's (and V3.1/R1's) Sequence: its three Isolated Splits, exactly as the file spells them, then
+// ByteLevel.
+bool is_deepseek_v3(const std::vector<const json::Value*>& items) {
+  static const char* const kSplits[3] = {
+      R"(\p{N}{1,3})",
+      "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+      "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+  };
+  if (items.size() != 4 || type_of(items[3]) != "ByteLevel") return false;
+  for (int k = 0; k < 3; ++k)
+    if (isolated_split_regex(items[k]) != kSplits[k]) return false;
+  return true;
+}
+
 struct PreTokenizer {
   Pattern pattern;
   DigitSplit digits;
@@ -490,6 +515,10 @@ PreTokenizer pre_tokenizer_layout(const json::Value* pt) {
     for (const json::Value* item : items)
       if (type_of(item) == "Digits")
         throw FormatError("tokenizer.json: unsupported pre_tokenizer Sequence layout (Digits only as its first step)");
+    if (digits == DigitSplit::kNone && is_deepseek_v3(items)) {
+      check_byte_level(items[3], false);
+      return {Pattern::kDeepSeekV3, DigitSplit::kNone};
+    }
     if (items.size() == 1 && type_of(items[0]) == "ByteLevel") {
       check_byte_level(items[0], true);
       return {Pattern::kGpt2, digits};
@@ -1042,6 +1071,7 @@ void Encoder::encode_pattern(const unsigned char* s, size_t n, std::vector<uint3
     case Pattern::kO200k: return encode_span_t<Pattern::kO200k>(s, n, out);
     case Pattern::kLlama3: return encode_span_t<Pattern::kLlama3>(s, n, out);
     case Pattern::kQwen2: return encode_span_t<Pattern::kQwen2>(s, n, out);
+    case Pattern::kDeepSeekV3: return encode_span_t<Pattern::kDeepSeekV3>(s, n, out);
   }
 }
 

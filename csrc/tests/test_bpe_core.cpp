@@ -40,8 +40,8 @@ void test_pretokenize() {
   CHECK(pattern_from_name("qwen2") == Pattern::kQwen2);
   // DeepSeek-V3: digit groups of three, CJK runs (split again at the katakana middle dot U+30FB, which is
   // punctuation), ASCII punctuation + ASCII letters, " ?" + punctuation runs.
-  CHECK((pieces(Pattern::kDeepSeekV3, "(Hello) 12345 ä½ å¥½ã«ã»ã") ==
-         V{"(Hello", ")", " ", "123", "45", " ", "ä½ å¥½ã«", "ã»", "ã"}));
+  CHECK((pieces(Pattern::kDeepSeekV3, "(Hello) 12345 \xE4\xBD\xA0\xE5\xA5\xBD\xE3\x82\xAB\xE3\x83\xBB\xE3\x83\x8A") ==
+         V{"(Hello", ")", " ", "123", "45", " ", "\xE4\xBD\xA0\xE5\xA5\xBD\xE3\x82\xAB", "\xE3\x83\xBB", "\xE3\x83\x8A"}));
   CHECK((pieces(Pattern::kDeepSeekV3, "a  1") == V{"a", "  ", "1"}));  // the run before a digit ends a segment
   CHECK(pattern_from_name("deepseek_v3") == Pattern::kDeepSeekV3);
   // Chinese is one letter run; the ideographic space is whitespace.

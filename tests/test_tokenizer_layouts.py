@@ -22,30 +22,15 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from sparrow.tokenizer import Tokenizer  # noqa: E402
 from test_tokenizer_encoder import EDGE_CASES, TEXT, assert_pretokenizer_matches_regex, corpus_samples  # noqa: E402
 
-# The Split regexes as the families' tokenizer.json files spell them.
-LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-          r"\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-         r"\s*[\r\n]+|\s+(?!\S)|\s+")
-O200K = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
-         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
-         r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# DeepSeek-V3's three Splits as its tokenizer.json spells them (literal CR/LF characters in the third).
-DEEPSEEK_V3 = ["\\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
-               "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+|"
-               " ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"]
+from sparrow.tokenizer.reference import DEEPSEEK_V3_SPLITS as DEEPSEEK_V3  # noqa: E402
+from sparrow.tokenizer.reference import LLAMA3_SPLIT as LLAMA3  # noqa: E402
+from sparrow.tokenizer.reference import O200K_SPLIT as O200K  # noqa: E402
+from sparrow.tokenizer.reference import QWEN2_SPLIT as QWEN2  # noqa: E402
+from sparrow.tokenizer.reference import hf_layout_pre_tokenizer as split_then_bytes  # noqa: E402
 
 
 def deepseek_v3(splits=DEEPSEEK_V3):
-    return pre_tokenizers.Sequence([*(pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in splits),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-
-
-def split_then_bytes(regex: str):
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return split_then_bytes(splits)
 
 
 # family -> (pre_tokenizer, normalizer, ignore_merges, added tokens as (content, special))
@@ -175,7 +160,7 @@ def refusal(tmp_path, pre=None, norm=None, ignore_merges=False):
 def test_deepseek_v3_variants_refused_by_name(tmp_path):
     # One character changed in the third Split, or the Splits reordered: not DeepSeek-V3's layout.
     assert "Sequence layout" in refusal(tmp_path, deepseek_v3([*DEEPSEEK_V3[:2], DEEPSEEK_V3[2].replace("[A-Za-z]+", "[A-Za-z]*")]))
-    assert "Sequence layout" in refusal(tmp_path, deepseek_v3(DEEPSEEK_V3[::-1]))
+    assert "Sequence layout" in refusal(tmp_path, deepseek_v3(list(DEEPSEEK_V3[::-1])))
 
 
 def test_unknown_split_regex_refused_by_name(tmp_path):

@@ -238,3 +238,26 @@ def test_long_pieces_match_hf(pair):
     for text in ["a" * 1000, " " * 700 + "x", "ab" * 400, "的" * 300, zh[:400], "1" * 500, "!" * 333, "\n" * 200,
                  "Supercalifragilistic" * 20]:
         assert tok.encode_ordinary(text) == hf.encode(text, add_special_tokens=False).ids, text[:20]
+
+
+@pytest.fixture(scope="module")
+def digit_pair(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok_digits")
+    docs = english_docs()[:100] + chinese_docs()[:300] + [f"{a} + {b} = {a + b}" for a in range(0, 3000, 7) for b in (13, 250)]
+    train_tokenizer(docs, vocab_size=1500, out_dir=out, show_progress=False, split_digits=True)
+    return Tokenizer.from_file(out / "tokenizer.json"), HFTokenizer.from_file(str(out / "tokenizer.json"))
+
+
+def test_split_digits_one_token_per_digit(digit_pair):
+    tok, hf = digit_pair
+    assert tok.digit_split == "individual"
+    ids = tok.encode_ordinary("x = 2024 + 17")
+    assert [tok.decode([i]) for i in ids if tok.decode([i]).strip().isdigit()] == list("202417")
+    assert ids == hf.encode("x = 2024 + 17", add_special_tokens=False).ids
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXT)
+def test_split_digits_byte_exact_with_hf_random(digit_pair, text):
+    tok, hf = digit_pair
+    assert tok.encode(text, allowed_special="all") == hf.encode(text, add_special_tokens=False).ids

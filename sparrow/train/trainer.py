@@ -240,9 +240,16 @@ class Trainer:
         n_params = sum(p.numel() for p in self.raw_model.parameters())
         mc = self.raw_model.config
         tokens_per_step = self._global_batch() * cfg.data.seq_len
-        flops_tok = flops_per_token(n_params, mc.num_hidden_layers, mc.hidden_size, cfg.data.seq_len)
+        # A token runs through k of a mixture's experts: its compute is the active count, not the total.
+        n_active = mc.num_parameters(active=True) if mc.num_local_experts else n_params
+        flops_tok = flops_per_token(n_active, mc.num_hidden_layers, mc.hidden_size, cfg.data.seq_len)
         peak = peak_flops(info.device)
-        self.log(f"model: {n_params / 1e6:.2f}M parameters ({cfg.model.preset}), backend {cfg.model.backend}, "
+        # A stage that starts from a saved model is that model, whatever the (unused) preset field says.
+        origin = cfg.model.preset if cfg.model.init_from is None else f"from {cfg.model.init_from}"
+        if mc.num_local_experts:
+            origin += (f"; {mc.num_local_experts} experts, {mc.num_experts_per_tok} per token, "
+                       f"{n_active / 1e6:.2f}M active")
+        self.log(f"model: {n_params / 1e6:.2f}M parameters ({origin}), backend {cfg.model.backend}, "
                  f"device {info.device}, {info.world_size} process(es)"
                  + (f", {cfg.train.distributed}" if info.enabled else ""))
         self.log(f"batch: {self._global_batch()} rows x {cfg.data.seq_len} tokens = {tokens_per_step} tokens/step, "

@@ -973,7 +973,9 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
   // Batches of pieces: the pre-tokenizer splits off up to kBatch pieces, hashing each and prefetching
   // its cache set, before any of them is looked up. The cache (4 MiB) lives in L3, or DRAM when other
   // processes crowd the L3; with a batch in flight those misses overlap instead of adding up.
-  constexpr size_t kBatch = 16;
+  // 32 rather than 16: the prefetches get twice the time to land (cold CPU MB/s, cl100k: prose ~+5%, code ~+9%);
+  // 64 gained nothing more.
+  constexpr size_t kBatch = 32;
   size_t bounds[kBatch + 1];
   uint64_t hashes[kBatch];
   size_t i = 0;

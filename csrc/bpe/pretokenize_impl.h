@@ -112,6 +112,13 @@ struct SpaceRun {
 SPARROW_INLINE SpaceRun space_run(const unsigned char* s, size_t n, size_t i) {
   SpaceRun r{i, i, 0};
   while (r.end < n) {
+    if (s[r.end] == ' ') {  // runs of spaces (indentation) 16 bytes at a time
+      size_t e = ascii_run16<0, ' ', 1>(s, n, r.end + 1);
+      while (e < n && s[e] == ' ') ++e;
+      r.last_start = e - 1;
+      r.end = e;
+      continue;
+    }
     Ch c = at(s, n, r.end);
     if (!(c.f & kSpace)) break;
     r.last_start = r.end;

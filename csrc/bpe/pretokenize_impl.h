@@ -9,6 +9,10 @@
 #include "bpe/pretokenize.h"
 #include "bpe/unicode.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #if defined(__GNUC__)
 #define SPARROW_INLINE inline __attribute__((always_inline))
 #else
@@ -46,9 +50,37 @@ SPARROW_INLINE Ch at(const unsigned char* s, size_t n, size_t i) {
 SPARROW_INLINE bool is_other(uint8_t f) { return (f & kLNS) == 0; }
 SPARROW_INLINE bool is_crlf(uint32_t cp) { return cp == '\r' || cp == '\n'; }
 
+// The end of the run of bytes b with ((b | kFold) - kLo) < kSpan (unsigned), from i, 16 bytes at a time:
+// ASCII letters (kFold 0x20, 'a', 26), lowercase letters (0, 'a', 26) or digits (0, '0', 10). Bytes >= 0x80
+// never match, so the run stops where UTF-8 decoding has to take over. Where SSE2 is missing it returns
+// i and the byte loop of the caller does all the work.
+template <unsigned char kFold, unsigned char kLo, unsigned char kSpan>
+SPARROW_INLINE size_t ascii_run16(const unsigned char* s, size_t n, size_t i) {
+#if defined(__SSE2__) && defined(__GNUC__)
+  const __m128i fold = _mm_set1_epi8(static_cast<char>(kFold));
+  const __m128i bias = _mm_set1_epi8(static_cast<char>(kLo + 0x80));  // x - lo, then as signed
+  const __m128i limit = _mm_set1_epi8(static_cast<char>(kSpan - 0x80));
+  while (i + 16 <= n) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    const __m128i x = _mm_sub_epi8(_mm_or_si128(v, fold), bias);
+    const unsigned out = ~static_cast<unsigned>(_mm_movemask_epi8(_mm_cmplt_epi8(x, limit))) & 0xFFFFu;
+    if (out) return i + static_cast<size_t>(__builtin_ctz(out));
+    i += 16;
+  }
+#else
+  (void)s;
+  (void)n;
+#endif
+  return i;
+}
+
 // End of the run of characters with any of `mask` set, starting at i. ASCII members are consumed by a
-// table loop; a non-ASCII byte is decoded and classified.
+// table loop (for letters, lowercase letters and digits first 16 bytes at a time); a non-ASCII byte is
+// decoded and classified.
 SPARROW_INLINE size_t run_any(const unsigned char* s, size_t n, size_t i, uint8_t mask) {
+  if (mask == kLetter) i = ascii_run16<0x20, 'a', 26>(s, n, i);
+  else if (mask == kLowerish) i = ascii_run16<0, 'a', 26>(s, n, i);
+  else if (mask == kNumber) i = ascii_run16<0, '0', 10>(s, n, i);
   for (;;) {
     while (i < n && (kByte.f[s[i]] & mask)) ++i;
     if (i >= n || s[i] < 0x80) return i;
@@ -80,6 +112,13 @@ struct SpaceRun {
 SPARROW_INLINE SpaceRun space_run(const unsigned char* s, size_t n, size_t i) {
   SpaceRun r{i, i, 0};
   while (r.end < n) {
+    if (s[r.end] == ' ') {  // runs of spaces (indentation) 16 bytes at a time
+      size_t e = ascii_run16<0, ' ', 1>(s, n, r.end + 1);
+      while (e < n && s[e] == ' ') ++e;
+      r.last_start = e - 1;
+      r.end = e;
+      continue;
+    }
     Ch c = at(s, n, r.end);
     if (!(c.f & kSpace)) break;
     r.last_start = r.end;

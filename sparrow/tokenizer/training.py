@@ -41,14 +41,20 @@ def _text_iterator(data, field: str, text_unit: str) -> Iterator[str]:
         yield text
 
 
-def build_trainer_tokenizer():
-    """An empty byte-level BPE tokenizer configured as Sparrow trains it."""
+def build_trainer_tokenizer(split_digits: bool = False):
+    """An empty byte-level BPE tokenizer configured as Sparrow trains it. ``split_digits``: every digit is a
+    piece of its own before the byte-level split (HF ``pre_tokenizers.Digits(individual_digits=True)`` in a
+    ``Sequence`` ahead of ``ByteLevel``, as the Llama and DeepSeek tokenizers split numbers), so no merge ever
+    joins two digits and "123" is always the tokens 1, 2, 3: arithmetic on digits a small model can learn,
+    instead of one token per number."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, processors
 
     tok = HFTokenizer(models.BPE())
     # GPT-2 split pattern, no prefix space: what the C++ encoder's "gpt2" pattern reproduces.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
@@ -57,7 +63,7 @@ def build_trainer_tokenizer():
 def train_tokenizer(data, vocab_size: int = DEFAULT_VOCAB_SIZE, out_dir: str | os.PathLike | None = None, *,
                     special_tokens: Sequence[str] | None = None, min_frequency: int = 2, field: str = "text",
                     text_unit: str = "document", show_progress: bool = True, length: int | None = None,
-                    chat_template: str | None = None, model_max_length: int = 2048):
+                    chat_template: str | None = None, model_max_length: int = 2048, split_digits: bool = False):
     """Train a byte-level BPE tokenizer and (with ``out_dir``) save ``tokenizer.json`` and
     ``tokenizer_config.json`` there. Returns the HF ``tokenizers.Tokenizer``.
 
@@ -66,6 +72,9 @@ def train_tokenizer(data, vocab_size: int = DEFAULT_VOCAB_SIZE, out_dir: str | o
     iterable of strings. ``special_tokens`` default to :data:`sparrow.tokenizer.SPECIAL_TOKENS` and take
     ids 0, 1, ... in order. The 256 byte tokens come next, so any text is encodable; merges learnt on a
     multilingual corpus cover its scripts (Chinese characters become tokens, not byte triples).
+    ``split_digits``: one token per digit (:func:`build_trainer_tokenizer`); the file is HF's own, so HF
+    ``tokenizers`` encodes it exactly, and Sparrow opens it with
+    :func:`sparrow.tokenizer.hf_fallback.open_tokenizer` where the C++ encoder does not implement the split.
     """
     from tokenizers import pre_tokenizers, trainers
 
@@ -77,7 +86,7 @@ def train_tokenizer(data, vocab_size: int = DEFAULT_VOCAB_SIZE, out_dir: str | o
     minimum = len(specials) + 256
     if vocab_size < minimum:
         raise ValueError(f"vocab_size {vocab_size} is below {minimum} (special tokens + 256 bytes)")
-    tok = build_trainer_tokenizer()
+    tok = build_trainer_tokenizer(split_digits)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,

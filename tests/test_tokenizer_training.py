@@ -200,3 +200,20 @@ def test_long_pieces_match_hf(pair):
     for text in ["a" * 1000, " " * 700 + "x", "ab" * 400, "的" * 300, zh[:400], "1" * 500, "!" * 333, "\n" * 200,
                  "Supercalifragilistic" * 20]:
         assert tok.encode_ordinary(text) == hf.encode(text, add_special_tokens=False).ids, text[:20]
+
+
+def test_split_digits_gives_one_token_per_digit_exactly_as_hf(tmp_path):
+    from sparrow.tokenizer.hf_fallback import open_tokenizer
+
+    docs = ["What is 23 plus 45? 68. 问题：37 加 48 等于多少？ 85。 In 1999 there were 1234 cats."] * 30
+    train_tokenizer(docs, vocab_size=320, out_dir=tmp_path / "digits", show_progress=False, split_digits=True)
+    train_tokenizer(docs, vocab_size=320, out_dir=tmp_path / "plain", show_progress=False)
+    hf = HFTokenizer.from_file(str(tmp_path / "digits" / "tokenizer.json"))
+    text = "What is 123 plus 45? 168. 3 加 40 等于 43。"
+    pieces = hf.encode(text).tokens
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("1234516834043")
+    assert any(len(p.strip("Ġ")) > 1 and p.strip("Ġ").isdigit()
+               for p in HFTokenizer.from_file(str(tmp_path / "plain" / "tokenizer.json")).encode(text).tokens)
+    # Sparrow opens it (the C++ encoder where it implements the split, else HF tokenizers) with HF's ids.
+    tok = open_tokenizer(tmp_path / "digits")
+    assert tok.encode(text) == hf.encode(text, add_special_tokens=False).ids and tok.decode(tok.encode(text)) == text

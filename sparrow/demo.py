@@ -256,8 +256,6 @@ def run_demo(out: str | Path = "runs/demo", *, pretrain_steps: int = 240, sft_st
     start = time.perf_counter()
 
     config = demo.stage_config("pretrain", pretrain_steps, 3e-3, 8, None)
-    # One token per digit: sums become digit sequences, the only layout on which this model learns arithmetic.
-    config.data.builtin_split_digits = True
     for key, value in (overrides or {}).items():
         set_key(config, key, value)
     prepared = demo.timed("clean_and_tokenize", prepare_corpus, demo, config)

@@ -45,8 +45,8 @@ def build_trainer_tokenizer(split_digits: bool = False):
     """An empty byte-level BPE tokenizer configured as Sparrow trains it. ``split_digits``: every digit is a
     piece of its own before the byte-level split (HF ``pre_tokenizers.Digits(individual_digits=True)`` in a
     ``Sequence`` ahead of ``ByteLevel``, as the Llama and DeepSeek tokenizers split numbers), so no merge ever
-    joins two digits and "123" is always the tokens 1, 2, 3: arithmetic on digits a small model can learn,
-    instead of one token per number."""
+    joins two digits and "123" is always the tokens 1, 2, 3: sums can be learnt digit by digit instead of as
+    a table of whole-number tokens."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, processors
 

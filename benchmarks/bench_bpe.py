@@ -53,6 +53,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ("prose", "code", "chinese", "mixed")
 VOCABS = ("gpt2", "cl100k", "o200k", "sparrow")
+# Trained here (16k, on the training slice), in the tokenizer.json layouts of open model families; opt in with
+# --vocabs (e.g. --vocabs llama3-layout,deepseek-layout). The reference is HF tokenizers.
+LAYOUT_VOCABS = ("llama3-layout", "deepseek-layout")
+TRAINED = ("sparrow", *LAYOUT_VOCABS)
 LIBS = ("sparrow", "fastokens", "bpe-openai", "tiktoken", "hf")
 TIKTOKEN_NAMES = {"gpt2": "r50k_base", "cl100k": "cl100k_base", "o200k": "o200k_base"}
 WARMUP = "Hello, world! 123 def f(x):\n    return x  # 你好，世界。"
@@ -64,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--mb", type=float, default=None, help="megabytes of each text (default 5, --quick 1)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds, median kept (default 2)")
     p.add_argument("--warm", type=int, default=2, help="warm passes after the cold one (best kept)")
-    p.add_argument("--vocabs", default=",".join(VOCABS))
+    p.add_argument("--vocabs", default=",".join(VOCABS), help=f"of {VOCABS + LAYOUT_VOCABS}")
     p.add_argument("--texts", default=",".join(TEXTS))
     p.add_argument("--libs", default=",".join(LIBS))
     p.add_argument("--no-hf", action="store_true", help="skip HF tokenizers (slow)")
@@ -152,6 +156,27 @@ def build_texts(nbytes: int) -> tuple[dict[str, list[str]], list[str]]:
     return texts, train
 
 
+def trained_file(vocab: str, data: Path) -> Path:
+    return data / "sparrow-tok" / "tokenizer.json" if vocab == "sparrow" else data / f"{vocab}.json"
+
+
+def train_layout(vocab: str, train: list[str], data: Path) -> None:
+    """A 16k byte-level BPE in the Llama-3 layout (Split + ByteLevel, ignore_merges) or DeepSeek-V3's (three Splits)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from sparrow.tokenizer import reference as R
+
+    llama = vocab == "llama3-layout"
+    tok = HFTokenizer(models.BPE(ignore_merges=llama))
+    tok.pre_tokenizer = R.hf_layout_pre_tokenizer(R.LLAMA3_SPLIT if llama else R.DEEPSEEK_V3_SPLITS)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(train, trainers.BpeTrainer(vocab_size=16000, min_frequency=2, show_progress=False,
+                                                       special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(trained_file(vocab, data)))
+
+
 # --------------------------------------------------------------------------------------------- workers
 
 def load_encoder(lib: str, vocab: str, data: Path):
@@ -159,17 +184,17 @@ def load_encoder(lib: str, vocab: str, data: Path):
     sys.path.insert(0, str(ROOT))
     from sparrow.tokenizer import reference as R
 
-    trained = data / "sparrow-tok" / "tokenizer.json"
+    trained = trained_file(vocab, data)
     if lib == "sparrow":
         from sparrow.tokenizer import Tokenizer
 
-        tok = Tokenizer.from_file(trained) if vocab == "sparrow" else Tokenizer.from_tiktoken(
+        tok = Tokenizer.from_file(trained) if vocab in TRAINED else Tokenizer.from_tiktoken(
             R.tiktoken_file(vocab, data), pattern=vocab, special_tokens=R.SPECIALS[vocab])
         return tok.encode_ordinary
     if lib == "fastokens":
         import fastokens
 
-        if vocab == "sparrow":
+        if vocab in TRAINED:
             tok = fastokens.Tokenizer.from_file(str(trained))
         elif vocab == "gpt2":  # fastokens has no r50k preset; it loads GPT-2's tokenizer.json
             path = data / "gpt2-hf.json"
@@ -187,13 +212,13 @@ def load_encoder(lib: str, vocab: str, data: Path):
             raise LookupError(f"bpe-openai ships no {vocab} vocabulary that matches tiktoken's")
         return bpe_openai.get_encoding(TIKTOKEN_NAMES[vocab]).encode_ordinary
     if lib == "tiktoken":
-        if vocab == "sparrow":
+        if vocab in TRAINED:
             raise LookupError("tiktoken cannot load a tokenizer.json")
         return R.tiktoken_encoding(vocab).encode_ordinary
     if lib == "hf":
         import tokenizers
 
-        tok = tokenizers.Tokenizer.from_file(str(trained)) if vocab == "sparrow" else (
+        tok = tokenizers.Tokenizer.from_file(str(trained)) if vocab in TRAINED else (
             R.hf_gpt2() if vocab == "gpt2" else R.hf_from_ranks(vocab))
         return lambda t: tok.encode(t, add_special_tokens=False).ids
     raise ValueError(f"unknown library {lib!r}")
@@ -240,7 +265,7 @@ def threads_worker(vocab: str, text: str, data: Path) -> dict:
     from sparrow.tokenizer import Tokenizer
     from sparrow.tokenizer import reference as R
 
-    tok = Tokenizer.from_file(data / "sparrow-tok" / "tokenizer.json") if vocab == "sparrow" else \
+    tok = Tokenizer.from_file(trained_file(vocab, data)) if vocab in TRAINED else \
         Tokenizer.from_tiktoken(R.tiktoken_file(vocab, data), pattern=vocab, special_tokens=R.SPECIALS[vocab])
     reference = [tok.encode_ordinary(d) for d in docs]  # also warms every thread's... first thread only
     out = {"mb": mb}
@@ -321,7 +346,12 @@ def main(args) -> int:
 
             train_tokenizer(train, vocab_size=16000, out_dir=data / "sparrow-tok", show_progress=False)
         for vocab in vocabs:
-            reference_lib = "hf" if vocab == "sparrow" else "tiktoken"
+            if vocab in LAYOUT_VOCABS:
+                train_layout(vocab, train, data)
+            elif vocab not in VOCABS:
+                raise SystemExit(f"unknown vocabulary {vocab!r} (known: {', '.join(VOCABS + LAYOUT_VOCABS)})")
+        for vocab in vocabs:
+            reference_lib = "hf" if vocab in TRAINED else "tiktoken"
             for text in text_names:
                 results: dict[str, list[dict]] = {lib: [] for lib in libs}
                 for r in range(rounds):

@@ -3,8 +3,10 @@
     python -m benchmarks.load_test --model runs/sft-tiny/model --clients 16 --duration 10   # starts its own server
     python -m benchmarks.load_test --url http://127.0.0.1:8000 --clients 16 --duration 10   # a running server
 
-Each client sends streamed chat requests back to back until the time is up (a request in flight then gets
-``--grace`` more seconds; every request has a timeout, so the run is bounded). Reported: requests, errors (non-200
+Each client sends streamed chat requests back to back until the time is up and it has finished at least
+``--min-requests`` (a request in flight then gets ``--grace`` more seconds; the whole run is cut at duration +
+grace, a request still running then counting as an error, so the run is bounded). ``--min-requests`` makes a
+run's size independent of the machine's speed: a loaded machine takes longer instead of sending fewer requests. Reported: requests, errors (non-200
 status, error events, broken streams, timeouts), generated tokens per second over the run (from the usage that
 each stream ends with), time to first token (first content event) and per-token latency (time after the first
 token divided by the content events after it, one per token but for stop tokens and split characters), p50
@@ -74,26 +76,29 @@ async def _one_request(client, url: str, model: str, max_tokens: int, rng: rando
     return result
 
 
-async def _client(index: int, url: str, model: str, max_tokens: int, stop_at: float, timeout: float, results: list):
+async def _client(index: int, url: str, model: str, max_tokens: int, stop_at: float, min_requests: int,
+                  timeout: float, results: list):
     import httpx
 
     rng = random.Random(index)
+    sent = 0
     async with httpx.AsyncClient() as client:
-        while time.perf_counter() < stop_at:
+        while time.perf_counter() < stop_at or sent < min_requests:
             results.append(await _one_request(client, url, model, max_tokens, rng, timeout))
+            sent += 1
 
 
-async def _run(url: str, clients: int, duration: float, max_tokens: int, grace: float) -> dict:
+async def _run(url: str, clients: int, duration: float, max_tokens: int, grace: float, min_requests: int) -> dict:
     import httpx
 
     async with httpx.AsyncClient() as client:
         model = (await client.get(f"{url}/v1/models", timeout=10)).json()["data"][0]["id"]
     results: list[dict] = []
     start = time.perf_counter()
-    tasks = [asyncio.create_task(_client(i, url, model, max_tokens, start + duration, duration + grace, results))
-             for i in range(clients)]
+    tasks = [asyncio.create_task(_client(i, url, model, max_tokens, start + duration, min_requests, duration + grace,
+                                         results)) for i in range(clients)]
     _, pending = await asyncio.wait(tasks, timeout=duration + grace)
-    for task in pending:  # a request still running past the grace period counts as an error
+    for task in pending:  # a request still running at duration + grace counts as an error
         task.cancel()
         results.append({"error": "still running after the grace period"})
     await asyncio.gather(*pending, return_exceptions=True)
@@ -105,7 +110,7 @@ async def _run(url: str, clients: int, duration: float, max_tokens: int, grace: 
     per_token = [r["per_token"] for r in ok if "per_token" in r]
     tokens = sum(r["tokens"] for r in ok)
     return {"url": url, "model": model, "clients": clients, "duration_s": duration, "elapsed_s": round(elapsed, 3),
-            "max_tokens": max_tokens, "requests": len(results), "completed": len(ok), "errors": len(errors),
+            "max_tokens": max_tokens, "min_requests_per_client": min_requests, "requests": len(results), "completed": len(ok), "errors": len(errors),
             "error_samples": sorted(set(errors))[:5], "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 2),
             "requests_per_s": round(len(ok) / elapsed, 3),
             "mean_completion_tokens": round(tokens / max(len(ok), 1), 2),
@@ -114,12 +119,14 @@ async def _run(url: str, clients: int, duration: float, max_tokens: int, grace: 
 
 
 def run(url: str, *, clients: int = 16, duration: float = 10.0, max_tokens: int = 32, grace: float = 30.0,
-        out: str | Path | None = None) -> dict:
+        min_requests: int = 0, out: str | Path | None = None) -> dict:
     if clients < 1 or duration <= 0:
         raise ValueError("clients, duration: must be positive")
+    if min_requests < 0 or grace <= 0:
+        raise ValueError(f"min_requests, grace: must be >= 0 and > 0, got {min_requests}, {grace}")
     if not url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
         raise ValueError(f"url: the load test only talks to loopback servers, got {url}")
-    result = asyncio.run(_run(url.rstrip("/"), clients, duration, max_tokens, grace))
+    result = asyncio.run(_run(url.rstrip("/"), clients, duration, max_tokens, grace, min_requests))
     _report(result, out)
     return result
 
@@ -169,12 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds during which clients start requests")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--grace", type=float, default=30.0, help="seconds a request in flight at the end may take")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds after --duration before the run is cut (requests still running are errors)")
+    parser.add_argument("--min-requests", type=int, default=0,
+                        help="requests each client finishes even past --duration (within --grace)")
     parser.add_argument("--max-batch", type=int, default=8, help="with --model: rows of the batch")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     common = dict(clients=args.clients, duration=args.duration, max_tokens=args.max_tokens, grace=args.grace,
-                  out=args.out)
+                  min_requests=args.min_requests, out=args.out)
     result = (run_against_model(args.model, max_batch=args.max_batch, **common) if args.model
               else run(args.url, **common))
     return 1 if result["errors"] else 0

@@ -169,7 +169,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # `moe-tiny`: tiny's attention with 8 experts of 192, 2 per token: 1.32M parameters active per token of 3.09M.
     "moe-tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, model_type="mixtral",
-                     num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=192, router_aux_loss_coef=0.05,
+                     num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=192, router_aux_loss_coef=0.3,
                      router_z_loss_coef=0.001),
     # A GPU-sized Mixtral shape: 124m's width and depth, 8 experts of 2048, 2 per token: 157M active of 497M.
     "moe-500m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -184,7 +184,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class CausalLMOutput:
     logits: Tensor
-    loss: Tensor | None = None  # with labels: cross-entropy plus the weighted router losses of an MoE model
+    loss: Tensor | None = None  # with labels: cross-entropy, plus the weighted router losses of an MoE model in training mode
     # MoE models, with labels: the load-balancing loss, the router z-loss, and the tokens each expert received
     # (MoE layers, experts) int64, top-k assignments counted.
     aux_loss: Tensor | None = None
@@ -583,7 +583,8 @@ class SparrowForCausalLM(nn.Module):
             return CausalLMOutput(logits=logits, loss=loss)
         # As transformers, over every token of the batch (padding included: packed batches have none).
         aux, z, counts = router_losses(router_logits, self.config.num_experts_per_tok)
-        loss = loss + self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
+        if self.training:  # regularisers of training: validation losses and perplexities stay the cross-entropy
+            loss = loss + self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux, z_loss=z, expert_counts=counts)
 
     # ------------------------------------------------------------------------------------ persistence

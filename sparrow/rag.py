@@ -213,7 +213,8 @@ def facts_queries(seed: int = 0, num_people: int = 240, split: str = "heldout") 
 def evaluate_rag(loaded, index: RagIndex, queries, people_of_chunk: Sequence[int], *, k: int = 2,
                  max_tokens: int = 16) -> dict:
     """Retrieval hit rate (a chunk about the asked person among the top ``k``) and exact match of the model's
-    greedy chat answers (:func:`sparrow.evaluate.exact_match`) with and without the retrieved passages."""
+    greedy chat answers (:func:`sparrow.evaluate.exact_match`) with and without the retrieved passages: overall,
+    by language and question kind, and the paired counts with McNemar's exact test (:func:`mcnemar_p`)."""
     import dataclasses
 
     from .serving.adapter import exact_match
@@ -227,23 +228,54 @@ def evaluate_rag(loaded, index: RagIndex, queries, people_of_chunk: Sequence[int
     closed = [item for _, item in queries]
     template = loaded.template_name
     result = {"questions": len(queries), "k": k, "retrieval_hit_rate": hits / max(len(queries), 1)}
+    correct = {}
     for name, items in (("without_retrieval", closed), ("with_retrieval", opened)):
         scored = exact_match(loaded.model, loaded.tokenizer, items, chat_template=template, max_new_tokens=max_tokens)
+        correct[name] = scored["correct"]
         result[f"exact_match_{name}"] = scored["exact_match"]
         result[f"samples_{name}"] = [{"question": i.question, "expected": i.answer, "got": a}
                                      for i, a in list(zip(items, scored["answers"]))[:3]]
+    only_with = sum(w and not o for w, o in zip(correct["with_retrieval"], correct["without_retrieval"]))
+    only_without = sum(o and not w for w, o in zip(correct["with_retrieval"], correct["without_retrieval"]))
+    result.update(right_only_with_retrieval=only_with, right_only_without_retrieval=only_without,
+                  mcnemar_p=mcnemar_p(only_with, only_without))
+    groups: dict[str, list[tuple[bool, bool]]] = {}
+    for item, o, w in zip(closed, correct["without_retrieval"], correct["with_retrieval"]):
+        groups.setdefault(f"{item.lang} {item.kind}", []).append((o, w))
+    result["by_question_kind"] = {
+        name: {"questions": len(pairs), "without_retrieval": sum(o for o, _ in pairs) / len(pairs),
+               "with_retrieval": sum(w for _, w in pairs) / len(pairs)} for name, pairs in sorted(groups.items())}
     return result
 
 
-def training_records(count: int, *, eval_seed: int = 0, num_people: int = 240, max_passages: int = 2) -> list[dict]:
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar test of paired right/wrong outcomes: the probability, if both conditions were
+    equally good, of a split of the ``b + c`` discordant questions at least as uneven as ``b`` : ``c``
+    (binomial with p = 1/2)."""
+    from math import comb
+
+    if b < 0 or c < 0:
+        raise ValueError(f"b, c: counts must be >= 0, got {b}, {c}")
+    n = b + c
+    return min(1.0, 2 * sum(comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
+
+
+def training_records(count: int, *, eval_seed: int = 0, num_people: int = 240, max_passages: int = 2,
+                     questions: int = 1) -> list[dict]:
     """Chat records (``{"messages"}``, for ``sparrow sft``) that teach answering from retrieved passages, in the
     layout :meth:`RagIndex.augment` gives: 1 to ``max_passages`` biographies, the asked person's among them at
-    a random place, then a question about that person. The people come from other worlds than
-    ``eval_seed``'s, so an evaluation on that world asks about people never trained on."""
+    a random place, then a question about that person. With ``questions`` > 1 the user goes on asking about
+    the same person's other facts, one per turn (up to 5): more answers to learn from per passage read, each
+    found only in the passage. The people come from other worlds than ``eval_seed``'s, so an evaluation on that
+    world asks about people never trained on."""
     import random
 
     from .data.builtin_corpus import ATTRIBUTES, World
 
+    if not 1 <= questions <= len(ATTRIBUTES):
+        raise ValueError(f"questions: must be between 1 and {len(ATTRIBUTES)}, got {questions}")
+    if max_passages < 1:
+        raise ValueError(f"max_passages: must be >= 1, got {max_passages}")
     rng = random.Random(f"sparrow-rag-records-{eval_seed}")
     records, world_seed = [], eval_seed
     while len(records) < count:
@@ -253,8 +285,11 @@ def training_records(count: int, *, eval_seed: int = 0, num_people: int = 240, m
             lang = rng.choice(("en", "zh"))
             people = rng.sample(world.people, rng.randint(1, max_passages))
             passages = [world.biography(p, lang, rng) for p in people]
-            question, answer = world.question(people[0], rng.choice(ATTRIBUTES), lang)
             rng.shuffle(passages)
-            records.append({"messages": [{"role": "user", "content": format_prompt(passages, question)},
-                                         {"role": "assistant", "content": answer}]})
+            messages = []
+            for n, kind in enumerate(rng.sample(ATTRIBUTES, questions)):
+                question, answer = world.question(people[0], kind, lang)
+                messages += [{"role": "user", "content": format_prompt(passages, question) if n == 0 else question},
+                             {"role": "assistant", "content": answer}]
+            records.append({"messages": messages})
     return records

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from sparrow import ops
-from sparrow.model import SparrowConfig, SparrowForCausalLM
+from sparrow.model import SparrowConfig, SparrowForCausalLM, router_losses
+from sparrow.train.config import Config
+from sparrow.train.trainer import build_optimizer
 
 from conftest import assert_compiled_matches_eager
 
@@ -42,9 +44,66 @@ def test_moe_loss_adds_weighted_router_losses_and_counts_every_assignment():
     assert out.expert_counts.shape == (2, 4)
     assert out.expert_counts.sum(1).tolist() == [ids.numel() * 2] * 2
     assert out.aux_loss.item() >= 2.0 - 1e-5  # E * sum f_e P_e >= k, equal only when perfectly balanced
+    with torch.no_grad():  # evaluation: the loss is the cross-entropy alone; the router losses still come back
+        evaluated = model.eval()(ids, labels=ids)
+    torch.testing.assert_close(evaluated.loss, ce.detach())
+    torch.testing.assert_close(evaluated.aux_loss, out.aux_loss.detach())
     out.loss.backward()
     router = model.model.layers[0].mlp.gate.weight
     assert router.grad is not None and router.grad.abs().sum() > 0
+
+
+def test_balancing_loss_gradient_is_switch_form_by_hand():
+    """d aux / d z_tj of E * sum_e f_e * mean_t p_te, averaged over L layers, is E / (T L) * p_tj (f_j - sum_e f_e p_te)
+    with f counted over every top-k slot and held constant: what a detached probability, a missing layer, a
+    gradient through f or only the first slot counted would each change."""
+    torch.manual_seed(0)
+    layers, t, e, k = 3, 20, 5, 2
+    logits = (2 * torch.randn(layers, t, e)).requires_grad_(True)
+    aux, _, counts = router_losses(list(logits.unbind(0)), k)
+    aux.backward()
+    p = torch.softmax(logits.detach(), -1)
+    f = torch.zeros(layers, e).scatter_add_(1, p.topk(k, -1).indices.flatten(1), torch.ones(layers, t * k)) / t
+    assert counts.tolist() == (f * t).long().tolist()
+    torch.testing.assert_close(aux, (e * (f * p.mean(1)).sum(-1)).mean())
+    expected = e / (t * layers) * p * (f[:, None, :] - (f[:, None, :] * p).sum(-1, keepdim=True))
+    torch.testing.assert_close(logits.grad, expected)
+
+
+def test_balancing_loss_alone_revives_a_starved_expert():
+    """A toy router whose input is mostly one shared direction, pointed so that expert 0 gets no token: gradient
+    steps on the balancing loss alone bring every expert to an even share."""
+    g = torch.Generator().manual_seed(0)
+    t, h, e, k = 512, 16, 4, 2
+    common = torch.randn(h, generator=g)
+    x = common + 0.5 * torch.randn(t, h, generator=g)
+    w = 0.1 * torch.randn(e, h, generator=g)
+    w[0] -= 0.5 * common / common.norm()
+    w.requires_grad_(True)
+    optimizer = torch.optim.SGD([w], lr=0.03)
+    _, _, start = router_losses([x @ w.t()], k)
+    assert start[0, 0] == 0
+    for _ in range(20):
+        aux, _, counts = router_losses([x @ w.t()], k)
+        optimizer.zero_grad()
+        aux.backward()
+        optimizer.step()
+    _, _, end = router_losses([x @ w.t()], k)
+    assert end.max() / end.min() < 1.1 and aux.item() < 2.01
+
+
+def test_routers_train_at_their_own_learning_rate():
+    config = Config()
+    config.train.lr, config.train.router_lr_scale = 2e-3, 0.05
+    model = small_model()
+    groups = build_optimizer(model, config, torch.device("cpu")).param_groups
+    routers = {id(layer.mlp.gate.weight) for layer in model.model.layers}
+    assert [{id(p) for p in g["params"]} & routers for g in groups] == [set(), set(), routers]
+    assert groups[2]["lr"] == pytest.approx(1e-4) and groups[0]["lr"] == 2e-3
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    config.train.router_lr_scale = -1.0
+    with pytest.raises(ValueError, match="train.router_lr_scale"):
+        config.validate()
 
 
 def test_moe_layer_placement_follows_qwen3_moe_rules():

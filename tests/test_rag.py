@@ -89,6 +89,8 @@ def test_world_retrieval_puts_passages_in_the_reading_task_layout():
     assert len(records) == 20 and all(r["messages"][0]["content"].count("\n") in (1, 2) for r in records)
     from sparrow.data.builtin_corpus import World
 
+    with pytest.raises(ValueError, match="questions"):
+        training_records(1, questions=6)
     text = "".join(r["messages"][0]["content"] for r in training_records(400))
     assert not [p.name_en for p in World(0).people if p.name_en in text]  # other worlds' people
 
@@ -103,6 +105,75 @@ def test_rag_eval_reports_hit_rate_and_exact_match(tmp_path_factory, tmp_path, c
     assert 0 <= result["exact_match_without_retrieval"] <= 1 and 0 <= result["exact_match_with_retrieval"] <= 1
     assert "\n" in result["samples_with_retrieval"][0]["question"]
     assert "exact match with retrieval" in capsys.readouterr().out
+
+
+def test_retrieval_fine_tuning_recipe_runs_end_to_end(tmp_path_factory, tmp_path, capsys):
+    """README's recipe at test scale: `sparrow rag records`, `sparrow sft --config configs/sft_rag_tiny.yaml` (from
+    the test's model instead of runs/pretrain-tiny/model, a few steps), `sparrow rag eval --k 1`. The learning
+    gain itself is measured at full scale (README), not asserted here."""
+    from pathlib import Path
+
+    config = Path(__file__).parents[1] / "configs" / "sft_rag_tiny.yaml"
+    start = trained_model(tmp_path_factory)
+    assert main(["rag", "records", str(tmp_path / "rag.jsonl"), "--count", "24", "--max-passages", "1",
+                 "--questions", "5"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "rag.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 24 and all([m["role"] for m in r["messages"]] == ["user", "assistant"] * 5 for r in records)
+    for r in records:  # the passage opens the conversation, then five questions about its person's five facts
+        turns = [m["content"] for m in r["messages"]]
+        assert turns[0].count("\n") == 1 and all("\n" not in t for t in turns[1:])
+        assert all(answer in turns[0] for answer in turns[1::2])
+    # The test's tokenizer knows few characters (Chinese falls back to bytes): longer sequences than the recipe's.
+    assert main(["sft", "--config", str(config), f"model.init_from={start}", "model.backend=reference",
+                 f"train.out_dir={tmp_path / 'sft'}", "train.max_steps=2", "train.warmup_steps=1", "train.eval_every=0",
+                 "train.save_every=0", "train.progress=false", "train.plot=false", "data.micro_batch_size=4",
+                 "data.seq_len=512", "sft.max_length=512", f"sft.data={tmp_path / 'rag.jsonl'}"]) == 0
+    out = tmp_path / "rag_eval.json"
+    capsys.readouterr()
+    assert main(["rag", "eval", str(tmp_path / "sft" / "model"), "--k", "1", "--limit", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "McNemar exact p" in printed and "right only with / only without" in printed
+    result = json.loads(out.read_text(encoding="utf-8"))
+    n, with_, without = result["questions"], result["exact_match_with_retrieval"], result["exact_match_without_retrieval"]
+    assert n == 8 and result["k"] == 1 and 0 <= result["mcnemar_p"] <= 1
+    only_with, only_without = result["right_only_with_retrieval"], result["right_only_without_retrieval"]
+    assert round((with_ - without) * n) == only_with - only_without  # the paired counts agree with the rates
+    kinds = result["by_question_kind"]
+    assert sum(k["questions"] for k in kinds.values()) == n and set(kinds) <= {
+        f"{lang} {kind}" for lang in ("en", "zh") for kind in ("city", "age", "job", "color", "pet")}
+
+
+def test_sft_starts_a_new_model_when_given_only_a_tokenizer(tmp_path_factory, tmp_path, capsys):
+    """model.init_from null + sft.tokenizer: a new model.preset model with the tokenizer's vocabulary; any other
+    stage, or sft without a tokenizer, still names the missing starting model."""
+    from pathlib import Path
+
+    from sparrow import SparrowForCausalLM
+    from sparrow.tokenizer import Tokenizer
+
+    config = Path(__file__).parents[1] / "configs" / "sft_rag_tiny.yaml"
+    tokenizer = trained_model(tmp_path_factory) / "tokenizer.json"
+    assert main(["rag", "records", str(tmp_path / "rag.jsonl"), "--count", "8"]) == 0
+    common = [f"train.out_dir={tmp_path / 'new'}", "train.max_steps=1", "train.warmup_steps=1", "train.eval_every=0",
+              "train.save_every=0", "train.progress=false", "train.plot=false", "model.backend=reference",
+              "model.num_hidden_layers=1", "data.micro_batch_size=2", "data.seq_len=512", "sft.max_length=512",
+              f"sft.data={tmp_path / 'rag.jsonl'}", "model.init_from=null"]
+    assert main(["sft", "--config", str(config), *common]) == 2
+    assert "sft.tokenizer" in capsys.readouterr().err
+    assert main(["sft", "--config", str(config), *common, f"sft.tokenizer={tokenizer}"]) == 0
+    model = SparrowForCausalLM.from_pretrained(tmp_path / "new" / "model")
+    assert model.config.vocab_size == Tokenizer.from_file(tokenizer).vocab_size and model.config.num_hidden_layers == 1
+    assert (tmp_path / "new" / "model" / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+
+
+def test_mcnemar_exact_p():
+    from sparrow.rag import mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0
+    assert mcnemar_p(5, 0) == mcnemar_p(0, 5) == 2 / 2 ** 5
+    assert abs(mcnemar_p(15, 2) - 2 * (1 + 17 + 136) / 2 ** 17) < 1e-12
+    with pytest.raises(ValueError, match="b, c"):
+        mcnemar_p(-1, 2)
 
 
 def test_chat_and_serve_put_retrieved_passages_before_the_question(tmp_path_factory, tmp_path, monkeypatch, capsys):

@@ -241,6 +241,32 @@ def test_batch_equals_single(vocabs):
     assert tok.encode_batch([]) == []
 
 
+def test_batch_workers_persist_across_calls_threads_and_fork(vocabs):
+    """encode_batch's worker threads outlive a call (their piece caches stay warm): calls with other thread
+    counts, from several Python threads at once, with two encoders in turn, and in a forked child (which
+    cannot use the parent's threads) all give the single-text ids."""
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    (tok, _), (other, _) = vocabs[NAMES[-1]], vocabs[NAMES[0]]
+    texts = corpus_samples() + EDGE_CASES
+    singles = [tok.encode_ordinary(t) for t in texts]
+    other_singles = [other.encode_ordinary(t) for t in texts]
+    for threads in (3, 1, 4, 2, 4):
+        assert tok.encode_ordinary_batch(texts, num_threads=threads) == singles
+        assert other.encode_ordinary_batch(texts, num_threads=threads) == other_singles
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda k: tok.encode_ordinary_batch(texts, num_threads=1 + k % 3), range(8)))
+    assert all(r == singles for r in results)
+    if "fork" in multiprocessing.get_all_start_methods():
+        with multiprocessing.get_context("fork").Pool(1) as child:
+            assert child.apply(_batch_in_child, (tok, texts)) == singles
+
+
+def _batch_in_child(tok, texts):
+    return tok.encode_ordinary_batch(texts, num_threads=3)
+
+
 def test_decode(vocabs):
     tok, ref = vocabs[NAMES[0]]
     text = "héllo 世界 👍"

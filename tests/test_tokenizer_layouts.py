@@ -16,29 +16,21 @@ tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("hypothesis")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
 from sparrow.tokenizer import Tokenizer  # noqa: E402
 from test_tokenizer_encoder import EDGE_CASES, TEXT, assert_pretokenizer_matches_regex, corpus_samples  # noqa: E402
 
-# The Split regexes as the families' tokenizer.json files spell them.
-LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-          r"\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-         r"\s*[\r\n]+|\s+(?!\S)|\s+")
-O200K = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
-         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
-         r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-DEEPSEEK_V3 = [r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+",
-               r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|"
-               r"\s*[\r\n]+|\s+(?!\S)|\s+"]
+from sparrow.tokenizer.reference import DEEPSEEK_V3_SPLITS as DEEPSEEK_V3  # noqa: E402
+from sparrow.tokenizer.reference import LLAMA3_SPLIT as LLAMA3  # noqa: E402
+from sparrow.tokenizer.reference import O200K_SPLIT as O200K  # noqa: E402
+from sparrow.tokenizer.reference import QWEN2_SPLIT as QWEN2  # noqa: E402
+from sparrow.tokenizer.reference import hf_layout_pre_tokenizer as split_then_bytes  # noqa: E402
 
 
-def split_then_bytes(regex: str):
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+def deepseek_v3(splits=DEEPSEEK_V3):
+    return split_then_bytes(splits)
 
 
 # family -> (pre_tokenizer, normalizer, ignore_merges, added tokens as (content, special))
@@ -51,6 +43,18 @@ LAYOUTS = {
     "mistral-nemo-like": (lambda: split_then_bytes(O200K), None, False, [("<s>", True), ("[INST]", True)]),
     "gpt2": (lambda: pre_tokenizers.ByteLevel(add_prefix_space=False), None, False, [("<|endoftext|>", True)]),
     "nfkc-llama3": (lambda: split_then_bytes(LLAMA3), lambda: normalizers.NFKC(), False, [("<|eot_id|>", True)]),
+    # Digits before the split: one token per digit (individual_digits=True) in front of GPT-2's ByteLevel
+    # regex, as a tokenizer for arithmetic would have it; digit runs in front of Llama-3's Split.
+    "deepseek-v3": (deepseek_v3, None, False,
+                    [("<｜begin▁of▁sentence｜>", True), ("<｜end▁of▁sentence｜>", True), ("<think>", False)]),
+    "digits-gpt2": (lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+                    None, False, [("<|endoftext|>", True)]),
+    "digit-runs-llama3": (lambda: pre_tokenizers.Sequence([
+                              pre_tokenizers.Digits(individual_digits=False),
+                              pre_tokenizers.Split(Regex(LLAMA3), behavior="isolated", invert=False),
+                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+                          None, False, [("<|eot_id|>", True)]),
 }
 
 
@@ -95,14 +99,17 @@ def sparrow_ids(tok, text):
 def test_layout_loads_with_its_pattern(pair):
     family, hf, tok = pair
     expected = {"llama3": "llama3", "qwen2": "qwen2", "gpt-oss": "o200k", "mistral-nemo-like": "o200k",
-                "gpt2": "gpt2", "nfkc-llama3": "llama3"}[family]
+                "gpt2": "gpt2", "nfkc-llama3": "llama3", "deepseek-v3": "deepseek_v3", "digits-gpt2": "gpt2",
+                "digit-runs-llama3": "llama3"}[family]
     assert tok.pattern == expected
+    assert tok.digit_split == {"digits-gpt2": "individual", "digit-runs-llama3": "runs"}.get(family, "")
 
 
 def test_edge_cases_match_hf(pair):
     family, hf, tok = pair
     extra = ["Ünïcödé ﬁ ①②③ Å Å", "e\u0301 vs é", "<|im_start|>user\nhi<|im_end|>", "x<think>y", "1234567 89",
-             "Hello <|eot_id|> there\n\n", "  \n  ", "a\r\n\r\n b"]
+             "Hello <|eot_id|> there\n\n", "  \n  ", "a\r\n\r\n b", "a  1", "x 12 y  345\n6", "١٢٣ ½⅓ Ⅻ ²",
+             "3.14159+2=5.14159", "  7"]
     for text in EDGE_CASES + extra:
         assert sparrow_ids(tok, text) == hf_ids(hf, text), (family, text)
 
@@ -150,10 +157,10 @@ def refusal(tmp_path, pre=None, norm=None, ignore_merges=False):
     return str(info.value)
 
 
-def test_deepseek_v3_layout_refused_by_name(tmp_path):
-    pre = pre_tokenizers.Sequence([*(pre_tokenizers.Split(Regex(r), behavior="isolated") for r in DEEPSEEK_V3),
-                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    assert "Sequence layout" in refusal(tmp_path, pre)
+def test_deepseek_v3_variants_refused_by_name(tmp_path):
+    # One character changed in the third Split, or the Splits reordered: not DeepSeek-V3's layout.
+    assert "Sequence layout" in refusal(tmp_path, deepseek_v3([*DEEPSEEK_V3[:2], DEEPSEEK_V3[2].replace("[A-Za-z]+", "[A-Za-z]*")]))
+    assert "Sequence layout" in refusal(tmp_path, deepseek_v3(list(DEEPSEEK_V3[::-1])))
 
 
 def test_unknown_split_regex_refused_by_name(tmp_path):
@@ -161,9 +168,12 @@ def test_unknown_split_regex_refused_by_name(tmp_path):
 
 
 def test_other_components_refused_by_name(tmp_path):
-    digits = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    assert "Digits" in refusal(tmp_path, digits)
+    digits_after = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3), behavior="isolated"),
+                                            pre_tokenizers.Digits(individual_digits=True),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert "Digits only as its first step" in refusal(tmp_path, digits_after)
+    assert "Punctuation" in refusal(tmp_path, pre_tokenizers.Sequence([pre_tokenizers.Punctuation(),
+                                                                       pre_tokenizers.ByteLevel()]))
     assert "Lowercase" in refusal(tmp_path, pre_tokenizers.ByteLevel(add_prefix_space=False), normalizers.Lowercase())
     merged = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3), behavior="merged_with_previous"),
                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -192,3 +202,18 @@ def test_family_pretokenizers_match_their_regex(name, text):
     # Text with code points Python's Unicode 14 leaves unassigned is passed over there; the HF comparisons
     # above cover it.
     assert_pretokenizer_matches_regex(name, text)
+
+
+DEEPSEEK_CHARS = st.sampled_from(list("aZé \n\r\t.,'(\"-_1239#$") + [
+    "你", "カ", "・", "゛", "\u3099", "\u0301", "\u200d", "\x00", "½", "😀", "\u00a0", "\u3000", "ー", "。", "Ω", "€", "゠"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.one_of(TEXT, st.lists(DEEPSEEK_CHARS, max_size=16).map("".join)))
+def test_deepseek_v3_pretokenizer_matches_hf(text):
+    """The one-pass DeepSeek-V3 splitter gives the pieces of HF's three Splits in sequence, CJK-range runs
+    holding punctuation (・, ゠) and marks (゛) included."""
+    from sparrow import _bpe
+
+    splits = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated") for r in DEEPSEEK_V3])
+    assert _bpe.pretokenize(text, "deepseek_v3") == [p for p, _ in splits.pre_tokenize_str(text)]

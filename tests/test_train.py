@@ -299,7 +299,9 @@ def test_moe_pretraining_logs_router_metrics_and_resumes_exactly(tmp_path):
     build_pretraining(load_config(None, moe_overrides(tokens, reference, **{"train.plot": True})),
                       log=lambda *a, **k: None).fit()
     records = [r for r in read_metrics(reference) if "loss" in r]
-    assert {"aux_loss", "z_loss", "expert_max_min", *(f"expert_tokens/{e}" for e in range(4))} <= set(records[0])
+    assert {"aux_loss", "z_loss", "expert_max_min", "expert_max_min/0", "expert_max_min/1",
+            *(f"expert_tokens/{e}" for e in range(4))} <= set(records[0])
+    assert all(r["expert_max_min"] == max(r["expert_max_min/0"], r["expert_max_min/1"]) for r in records)
     # Every step routes each of the 4 x 32 tokens to 2 experts in each of the 2 MoE layers.
     assert all(sum(r[f"expert_tokens/{e}"] for e in range(4)) == 4 * 32 * 2 * 2 for r in records)
     assert (reference / "loss.png").stat().st_size > 1000

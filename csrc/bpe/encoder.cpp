@@ -8,6 +8,10 @@
 #include <queue>
 #include <unordered_map>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "bpe/json.h"
 #include "bpe/pretokenize_impl.h"
 #include "bpe/unicode.h"
@@ -61,6 +65,98 @@ inline size_t next_pow2(size_t n) {
   return c;
 }
 
+// Zero-filled memory for the tables the encoder probes at random (the vocabulary's pair and token
+// tables, megabytes each, and the per-thread piece cache). On 4 KiB pages nearly every probe of a
+// table that size also misses the TLB; on Linux a region of 2 MiB or more is mapped on its own,
+// 2 MiB-aligned, and advised for transparent huge pages before anything touches it, so it faults in
+// as a few huge pages (under the usual `madvise` THP policy). Smaller ones, or where mapping fails,
+// come from calloc. Either way fresh pages are zero and untouched ones cost nothing.
+class ZeroedRegion {
+ public:
+  static constexpr size_t kHuge = size_t{2} << 20;
+  ZeroedRegion() = default;
+  explicit ZeroedRegion(size_t bytes) {
+    if (bytes == 0) return;
+#if defined(__linux__)
+    if (bytes >= kHuge) {
+      const size_t size = (bytes + kHuge - 1) & ~(kHuge - 1);
+      void* base = mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (base != MAP_FAILED) {
+        const uintptr_t b = reinterpret_cast<uintptr_t>(base);
+        const uintptr_t start = (b + kHuge - 1) & ~uintptr_t{kHuge - 1};
+        if (start > b) munmap(base, start - b);
+        if (b + size + kHuge > start + size) munmap(reinterpret_cast<void*>(start + size), b + size + kHuge - start - size);
+        madvise(reinterpret_cast<void*>(start), size, MADV_HUGEPAGE);
+        p_ = reinterpret_cast<void*>(start);
+        bytes_ = size;
+        mapped_ = true;
+        return;
+      }
+    }
+#endif
+    raw_ = std::calloc(1, bytes + 64);
+    if (!raw_) throw std::bad_alloc();
+    p_ = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw_) + 63) & ~uintptr_t{63});
+    bytes_ = bytes;
+  }
+  ZeroedRegion(const ZeroedRegion&) = delete;
+  ZeroedRegion& operator=(const ZeroedRegion&) = delete;
+  ZeroedRegion(ZeroedRegion&& o) noexcept { swap(o); }
+  ZeroedRegion& operator=(ZeroedRegion&& o) noexcept {
+    ZeroedRegion(std::move(o)).swap(*this);
+    return *this;
+  }
+  ~ZeroedRegion() {
+#if defined(__linux__)
+    if (mapped_) {
+      munmap(p_, bytes_);
+      return;
+    }
+#endif
+    std::free(raw_);
+  }
+  void swap(ZeroedRegion& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(raw_, o.raw_);
+    std::swap(bytes_, o.bytes_);
+    std::swap(mapped_, o.mapped_);
+  }
+  void* get() const { return p_; }
+
+ private:
+  void* p_ = nullptr;
+  void* raw_ = nullptr;
+  size_t bytes_ = 0;
+  bool mapped_ = false;
+};
+
+// A fixed-size array of trivially copyable T in a ZeroedRegion.
+template <class T>
+class Table {
+ public:
+  void assign(size_t n, const T& fill) {
+    ZeroedRegion r(n * sizeof(T));
+    region_.swap(r);
+    n_ = n;
+    T* p = data();
+    for (size_t i = 0; i < n; ++i) p[i] = fill;
+  }
+  void swap(Table& o) noexcept {
+    region_.swap(o.region_);
+    std::swap(n_, o.n_);
+  }
+  size_t size() const { return n_; }
+  T* data() const { return static_cast<T*>(region_.get()); }
+  T& operator[](size_t i) { return data()[i]; }
+  const T& operator[](size_t i) const { return data()[i]; }
+  T* begin() const { return data(); }
+  T* end() const { return data() + n_; }
+
+ private:
+  ZeroedRegion region_;
+  size_t n_ = 0;
+};
+
 constexpr uint32_t kNoRank = 0xFFFFFFFFu;
 
 }  // namespace
@@ -73,7 +169,7 @@ struct Encoder::Tables {
     uint32_t merged;
   };
   static constexpr uint64_t kEmpty = ~0ull;
-  std::vector<PairSlot> pairs;
+  Table<PairSlot> pairs;
   size_t pair_mask = 0;
   size_t pair_count = 0;
 
@@ -86,7 +182,7 @@ struct Encoder::Tables {
     uint32_t len;
     unsigned char bytes[kInline];
   };
-  std::vector<TokSlot> toks;
+  Table<TokSlot> toks;
   size_t tok_mask = 0;
   size_t tok_count = 0;
   const std::vector<std::string>* id_bytes = nullptr;
@@ -106,7 +202,7 @@ struct Encoder::Tables {
   }
   void put_pair(uint32_t l, uint32_t r, uint32_t rank, uint32_t merged) {
     if ((pair_count + 1) * 2 > pairs.size()) {
-      std::vector<PairSlot> old;
+      Table<PairSlot> old;
       old.swap(pairs);
       pairs.assign(old.size() * 2, PairSlot{kEmpty, 0, 0});
       pair_mask = pairs.size() - 1;
@@ -157,6 +253,7 @@ struct Encoder::Tables {
     }
   }
   inline int64_t find_token(const unsigned char* p, size_t n) const { return find_token(p, n, hash_bytes(p, n)); }
+  inline void prefetch_token(uint64_t h) const { __builtin_prefetch(&toks[h & tok_mask]); }
   inline int64_t find_token(const unsigned char* p, size_t n, uint64_t h) const {
     size_t i = h & tok_mask;
     while (true) {
@@ -357,27 +454,77 @@ void check_byte_level(const json::Value* pt, bool want_regex) {
                                  : "tokenizer.json: ByteLevel use_regex=true after a Split is not supported");
 }
 
+// An Isolated, non-inverted Split's regex, or "" for anything else.
+std::string isolated_split_regex(const json::Value* split) {
+  if (type_of(split) != "Split") return "";
+  const json::Value* behavior = split->get("behavior");
+  if (!behavior || behavior->type != json::Value::kString || behavior->str != "Isolated" || truthy(split->get("invert")))
+    return "";
+  const json::Value* pattern = split->get("pattern");
+  const json::Value* regex = pattern ? pattern->get("Regex") : nullptr;
+  return regex && regex->type == json::Value::kString ? regex->str : "";
+}
+
+// DeepSeek-V3's (and V3.1/R1's) Sequence: its three Isolated Splits, exactly as the file spells them, then
+// ByteLevel.
+bool is_deepseek_v3(const std::vector<const json::Value*>& items) {
+  static const char* const kSplits[3] = {
+      R"(\p{N}{1,3})",
+      "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+      "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+  };
+  if (items.size() != 4 || type_of(items[3]) != "ByteLevel") return false;
+  for (int k = 0; k < 3; ++k)
+    if (isolated_split_regex(items[k]) != kSplits[k]) return false;
+  return true;
+}
+
+struct PreTokenizer {
+  Pattern pattern;
+  DigitSplit digits;
+};
+
 // The pre-tokenizer layouts of byte-level BPE files: ByteLevel (its own GPT-2 regex), or
-// Sequence[Split(regex, Isolated), ByteLevel(use_regex=false)]. Anything else is refused by name.
-Pattern pre_tokenizer_pattern(const json::Value* pt) {
+// Sequence[Split(regex, Isolated), ByteLevel(use_regex=false)], either one optionally preceded by
+// Digits (Sequence[Digits, ByteLevel] / Sequence[Digits, Split, ByteLevel(use_regex=false)]). Anything
+// else is refused by name.
+PreTokenizer pre_tokenizer_layout(const json::Value* pt) {
   if (!pt || pt->is_null())
     throw FormatError("tokenizer.json: no pre_tokenizer; only byte-level BPE (ByteLevel pre-tokenizer) is supported");
   const std::string t = type_of(pt);
   if (t == "ByteLevel") {
     check_byte_level(pt, true);
-    return Pattern::kGpt2;
+    return {Pattern::kGpt2, DigitSplit::kNone};
   }
   if (t == "Sequence") {
     const json::Value* list = pt->get("pretokenizers");
     if (!list || list->type != json::Value::kArray) throw FormatError("tokenizer.json: pre_tokenizer Sequence without a list");
     for (const auto& item : list->items) {
       const std::string it = type_of(&item);
-      if (it != "Split" && it != "ByteLevel")
+      if (it != "Split" && it != "ByteLevel" && it != "Digits")
         throw FormatError("tokenizer.json: unsupported pre_tokenizer '" + it + "' in Sequence");
     }
-    if (list->items.size() == 1) return pre_tokenizer_pattern(&list->items[0]);
-    if (list->items.size() == 2 && type_of(&list->items[0]) == "Split" && type_of(&list->items[1]) == "ByteLevel") {
-      const json::Value& split = list->items[0];
+    std::vector<const json::Value*> items;
+    for (const auto& item : list->items) items.push_back(&item);
+    DigitSplit digits = DigitSplit::kNone;
+    if (!items.empty() && type_of(items[0]) == "Digits") {
+      const json::Value* each = items[0]->get("individual_digits");
+      digits = truthy(each) ? DigitSplit::kEach : DigitSplit::kRuns;
+      items.erase(items.begin());
+    }
+    for (const json::Value* item : items)
+      if (type_of(item) == "Digits")
+        throw FormatError("tokenizer.json: unsupported pre_tokenizer Sequence layout (Digits only as its first step)");
+    if (digits == DigitSplit::kNone && is_deepseek_v3(items)) {
+      check_byte_level(items[3], false);
+      return {Pattern::kDeepSeekV3, DigitSplit::kNone};
+    }
+    if (items.size() == 1 && type_of(items[0]) == "ByteLevel") {
+      check_byte_level(items[0], true);
+      return {Pattern::kGpt2, digits};
+    }
+    if (items.size() == 2 && type_of(items[0]) == "Split" && type_of(items[1]) == "ByteLevel") {
+      const json::Value& split = *items[0];
       const json::Value* behavior = split.get("behavior");
       if (!behavior || behavior->type != json::Value::kString || behavior->str != "Isolated")
         throw FormatError("tokenizer.json: unsupported Split behavior '" +
@@ -388,11 +535,11 @@ Pattern pre_tokenizer_pattern(const json::Value* pt) {
       const json::Value* regex = pattern ? pattern->get("Regex") : nullptr;
       if (!regex || regex->type != json::Value::kString)
         throw FormatError("tokenizer.json: unsupported Split pattern (only a Regex pattern is supported)");
-      check_byte_level(&list->items[1], false);
-      return split_regex_pattern(regex->str);
+      check_byte_level(items[1], false);
+      return {split_regex_pattern(regex->str), digits};
     }
-    throw FormatError("tokenizer.json: unsupported pre_tokenizer Sequence layout (supported: [ByteLevel] and "
-                      "[Split, ByteLevel(use_regex=false)])");
+    throw FormatError("tokenizer.json: unsupported pre_tokenizer Sequence layout (supported: [ByteLevel], "
+                      "[Split, ByteLevel(use_regex=false)], each optionally after Digits)");
   }
   throw FormatError("tokenizer.json: unsupported pre_tokenizer '" + t + "'");
 }
@@ -461,7 +608,7 @@ std::unique_ptr<Encoder> Encoder::from_hf_json(std::string_view text) {
   if (!null_or_empty(model->get("continuing_subword_prefix")) || !null_or_empty(model->get("end_of_word_suffix")))
     throw FormatError("tokenizer.json: continuing_subword_prefix / end_of_word_suffix are not supported");
   const std::string normalizer = normalizer_name(doc.get("normalizer"));
-  const Pattern pattern = pre_tokenizer_pattern(doc.get("pre_tokenizer"));
+  const PreTokenizer pre = pre_tokenizer_layout(doc.get("pre_tokenizer"));
 
   const json::Value* vocab = model->get("vocab");
   const json::Value* merges = model->get("merges");
@@ -469,7 +616,8 @@ std::unique_ptr<Encoder> Encoder::from_hf_json(std::string_view text) {
   if (!merges || merges->type != json::Value::kArray) throw FormatError("tokenizer.json: model.merges is not a list");
 
   std::unique_ptr<Encoder> enc(new Encoder);
-  enc->pattern_ = pattern;
+  enc->pattern_ = pre.pattern;
+  enc->digits_ = pre.digits;
   enc->normalizer_ = normalizer;
   enc->whole_piece_lookup_ = truthy(model->get("ignore_merges"));
   const json::Value* added_list = doc.get("added_tokens");
@@ -657,23 +805,12 @@ struct PieceCache {
   PairEntry pairs[kPairs];
 };
 
-// calloc'd (aligned by hand: calloc gives 16-byte alignment): for a block this size it maps fresh zero
-// pages, so a short-lived batch worker pays only for the entries it touches, not a 4 MiB memset.
-struct CacheDeleter {
-  void* base;
-  void operator()(PieceCache*) const { std::free(base); }
-};
-
 PieceCache& thread_cache() {
-  // Heap-allocated: a 4 MiB thread_local array would not fit the static TLS of a dlopen()ed module.
-  static thread_local std::unique_ptr<PieceCache, CacheDeleter> cache(nullptr, CacheDeleter{nullptr});
-  if (!cache) {
-    void* base = std::calloc(1, sizeof(PieceCache) + 64);
-    if (!base) throw std::bad_alloc();
-    const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t{63};
-    cache = std::unique_ptr<PieceCache, CacheDeleter>(reinterpret_cast<PieceCache*>(aligned), CacheDeleter{base});
-  }
-  return *cache;
+  // Heap-allocated (a 4 MiB thread_local array would not fit the static TLS of a dlopen()ed module), in
+  // fresh zero pages: a short-lived batch worker pays only for the entries it touches, not a memset.
+  static thread_local ZeroedRegion region;
+  if (!region.get()) region = ZeroedRegion(sizeof(PieceCache));
+  return *static_cast<PieceCache*>(region.get());
 }
 
 inline uint32_t load32(const unsigned char* p) {
@@ -904,12 +1041,37 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
 }
 
 void Encoder::encode_span(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
+  if (digits_ != DigitSplit::kNone) {
+    // Digits first: numbers (each run, or each character) and the text between them are segments that
+    // the split pattern then sees one at a time, as separate texts.
+    size_t i = 0;
+    while (i < n) {
+      size_t j = i;
+      bool digit = false;
+      while (j < n) {
+        const piece::Ch c = piece::at(s, n, j);
+        const bool d = (c.f & kNumber) != 0;
+        if (j > i && d != digit) break;
+        digit = d;
+        j += c.len;
+        if (d && digits_ == DigitSplit::kEach) break;
+      }
+      encode_pattern(s + i, j - i, out);
+      i = j;
+    }
+    return;
+  }
+  encode_pattern(s, n, out);
+}
+
+void Encoder::encode_pattern(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
   switch (pattern_) {
     case Pattern::kGpt2: return encode_span_t<Pattern::kGpt2>(s, n, out);
     case Pattern::kCl100k: return encode_span_t<Pattern::kCl100k>(s, n, out);
     case Pattern::kO200k: return encode_span_t<Pattern::kO200k>(s, n, out);
     case Pattern::kLlama3: return encode_span_t<Pattern::kLlama3>(s, n, out);
     case Pattern::kQwen2: return encode_span_t<Pattern::kQwen2>(s, n, out);
+    case Pattern::kDeepSeekV3: return encode_span_t<Pattern::kDeepSeekV3>(s, n, out);
   }
 }
 

@@ -43,6 +43,11 @@ struct SpecialToken {
   bool normalized = false;
 };
 
+// HF's Digits pre-tokenizer when it comes before the split regex: none, each run of \p{N} characters its
+// own segment (individual_digits=false), or each \p{N} character (individual_digits=true). The regex
+// then splits every segment on its own, as HF's Sequence does.
+enum class DigitSplit : uint8_t { kNone, kRuns, kEach };
+
 class Encoder {
  public:
   // tokenizer.json contents (byte-level BPE: model.type BPE + ByteLevel pre-tokenizer).
@@ -77,6 +82,7 @@ class Encoder {
   int64_t token_id(std::string_view bytes) const;
   const std::vector<SpecialToken>& specials() const { return specials_; }
   Pattern pattern() const { return pattern_; }
+  DigitSplit digit_split() const { return digits_; }
   // "" or "NFC": the tokenizer.json normalizer, which callers must apply to text before encoding (the
   // Python layer does; added tokens with normalized=false are matched in the raw text all the same
   // when the text is already normalized, the only case it lets through).
@@ -90,6 +96,8 @@ class Encoder {
   void add_token(uint32_t id, std::string bytes, uint8_t kind);
   void add_merge(uint32_t left, uint32_t right, uint32_t rank, uint32_t merged);
   void encode_span(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const;
+  // The split pattern alone (encode_span applies the digit split first).
+  void encode_pattern(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const;
   template <Pattern P>
   void encode_span_t(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const;
   // Splits out the added tokens of `mask` (leftmost-longest) and encodes the text between them.
@@ -102,6 +110,7 @@ class Encoder {
   std::pair<size_t, size_t> find_special(std::string_view text, size_t from, const std::vector<char>& usable) const;
 
   Pattern pattern_ = Pattern::kGpt2;
+  DigitSplit digits_ = DigitSplit::kNone;
   std::string normalizer_;
   bool whole_piece_lookup_ = false;
   std::vector<std::string> id_bytes_;

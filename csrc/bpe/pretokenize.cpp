@@ -14,7 +14,8 @@ Pattern pattern_from_name(const std::string& name) {
   if (name == "o200k" || name == "o200k_base") return Pattern::kO200k;
   if (name == "llama3") return Pattern::kLlama3;
   if (name == "qwen2") return Pattern::kQwen2;
-  throw std::invalid_argument("unknown split pattern '" + name + "' (known: gpt2, cl100k, o200k, llama3, qwen2)");
+  if (name == "deepseek_v3") return Pattern::kDeepSeekV3;
+  throw std::invalid_argument("unknown split pattern '" + name + "' (known: gpt2, cl100k, o200k, llama3, qwen2, deepseek_v3)");
 }
 
 const char* pattern_name(Pattern p) {
@@ -24,6 +25,7 @@ const char* pattern_name(Pattern p) {
     case Pattern::kO200k: return "o200k";
     case Pattern::kLlama3: return "llama3";
     case Pattern::kQwen2: return "qwen2";
+    case Pattern::kDeepSeekV3: return "deepseek_v3";
   }
   return "?";
 }

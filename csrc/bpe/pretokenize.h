@@ -25,9 +25,12 @@ enum class Pattern {
   kLlama3,
   // Qwen2/Qwen3's Split regex: Llama-3's with \p{N} (single digits) instead of \p{N}{1,3}.
   kQwen2,
+  // DeepSeek-V3's three Splits (digit groups, CJK runs, a word/punctuation/whitespace regex), applied in
+  // sequence; see deepseek_v3_piece in pretokenize_impl.h.
+  kDeepSeekV3,
 };
 
-// "gpt2" (aliases r50k, p50k), "cl100k", "o200k", "llama3", "qwen2"; throws std::invalid_argument otherwise.
+// "gpt2" (aliases r50k, p50k), "cl100k", "o200k", "llama3", "qwen2", "deepseek_v3"; throws std::invalid_argument otherwise.
 Pattern pattern_from_name(const std::string& name);
 const char* pattern_name(Pattern p);
 

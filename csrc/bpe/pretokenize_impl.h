@@ -246,12 +246,91 @@ SPARROW_INLINE size_t o200k_piece(const unsigned char* s, size_t n, size_t i) {
 }
 
 
+// DeepSeek-V3: three Isolated Splits in sequence, each applied to the pieces of the one before:
+//   1. \p{N}{1,3}
+//   2. [\x{4E00}-\x{9FA5}\x{3040}-\x{309F}\x{30A0}-\x{30FF}]+   (CJK ideographs, kana)
+//   3. [!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+// So the text falls into digit groups (never split further: no alternative of 3 matches a digit), runs
+// of the CJK ranges and the gaps between, and split 3 runs inside each run or gap as if it were the
+// whole text (its end is the segment's end). Where no alternative of split 3 matches, the characters
+// up to the next match are a piece of their own, as Isolated keeps unmatched text.
+SPARROW_INLINE bool deepseek_cjk(uint32_t cp) {
+  return (cp >= 0x4E00 && cp <= 0x9FA5) || (cp >= 0x3040 && cp <= 0x30FF);
+}
+
+// Split 3 at i inside a segment: a character ends the segment when barrier(c) (for a CJK run: a
+// character outside the ranges; for a gap: a number or a CJK-range character).
+template <bool kInCjk>
+SPARROW_INLINE size_t deepseek_split3(const unsigned char* s, size_t n, size_t i, Ch c) {
+  auto barrier = [](const Ch& x) { return kInCjk ? !deepseek_cjk(x.cp) : ((x.f & kNumber) || deepseek_cjk(x.cp)); };
+  // The end of the run of characters with any of `mask` from j, stopping at the segment's end.
+  auto run = [&](size_t j, uint8_t mask) {
+    while (j < n) {
+      Ch d = at(s, n, j);
+      if (!(d.f & mask) || barrier(d)) break;
+      j += d.len;
+    }
+    return j;
+  };
+  auto next_in_segment = [&](size_t j, Ch& d) {
+    if (j >= n) return false;
+    d = at(s, n, j);
+    return !barrier(d);
+  };
+  auto crlf_run = [&](size_t j) {
+    if (kInCjk) return j;  // \r and \n are outside the CJK ranges: a run's segment ends before them
+    while (j < n && (s[j] == '\r' || s[j] == '\n')) ++j;
+    return j;
+  };
+  constexpr uint8_t kLM = kLetter | kMark;
+  Ch d{};
+  // [ASCII punctuation][A-Za-z]+
+  if (c.cp < 0x80 && (c.f & kPunctSym) && i + 1 < n && ((s[i + 1] | 0x20) >= 'a' && (s[i + 1] | 0x20) <= 'z')) {
+    size_t e = i + 2;
+    while (e < n && ((s[e] | 0x20) >= 'a' && (s[e] | 0x20) <= 'z')) ++e;
+    return e;
+  }
+  // [^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+
+  const bool prefix = !(c.f & (kLetter | kPunctSym)) && !is_crlf(c.cp);
+  if (prefix && next_in_segment(i + c.len, d) && (d.f & kLM)) return run(i + c.len + d.len, kLM);
+  if (c.f & kLM) return run(i + c.len, kLM);
+  //  ?[\p{P}\p{S}]+[\r\n]*
+  if (c.cp == ' ' && next_in_segment(i + 1, d) && (d.f & kPunctSym)) return crlf_run(run(i + 1 + d.len, kPunctSym));
+  if (c.f & kPunctSym) return crlf_run(run(i + c.len, kPunctSym));
+  if (c.f & kSpace) {
+    SpaceRun r = space_run(s, n, i);  // whitespace is never a barrier
+    if (r.newline_end) return r.newline_end;  // \s*[\r\n]+
+    Ch e{};
+    const bool at_end = !next_in_segment(r.end, e);
+    if (at_end) return r.end;                  // \s+(?!\S) at the segment's end
+    if (r.last_start > i) return r.last_start;  // \s+(?!\S)
+    return i + c.len;                           // \s+
+  }
+  // No alternative matches at i: the piece runs to the next position where one does.
+  size_t j = i + c.len;
+  while (next_in_segment(j, d)) {
+    if (d.f & (kLM | kPunctSym | kSpace)) break;
+    Ch after{};
+    if (!is_crlf(d.cp) && next_in_segment(j + d.len, after) && (after.f & kLM)) break;
+    j += d.len;
+  }
+  return j;
+}
+
+SPARROW_INLINE size_t deepseek_v3_piece(const unsigned char* s, size_t n, size_t i) {
+  Ch c = at(s, n, i);
+  if (c.f & kNumber) return number_run<3>(s, n, i, c);  // split 1
+  if (deepseek_cjk(c.cp)) return deepseek_split3<true>(s, n, i, c);
+  return deepseek_split3<false>(s, n, i, c);
+}
+
 SPARROW_INLINE size_t next(Pattern p, const unsigned char* s, size_t n, size_t i) {
   switch (p) {
     case Pattern::kGpt2: return gpt2_piece(s, n, i);
     case Pattern::kCl100k: return cl100k_like_piece<true, 3>(s, n, i);
     case Pattern::kLlama3: return cl100k_like_piece<false, 3>(s, n, i);
     case Pattern::kQwen2: return cl100k_like_piece<false, 1>(s, n, i);
+    case Pattern::kDeepSeekV3: return deepseek_v3_piece(s, n, i);
     case Pattern::kO200k: return o200k_piece(s, n, i);
   }
   return n;

@@ -15,6 +15,7 @@ enum CharFlags : uint8_t {
   kUpperish = 8,   // [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]   (o200k)
   kLowerish = 16,  // [\p{Ll}\p{Lm}\p{Lo}\p{M}]         (o200k)
   kMark = 32,      // \p{M}
+  kPunctSym = 64,  // [\p{P}\p{S}]                     (DeepSeek-V3)
 };
 
 namespace unicode_detail {

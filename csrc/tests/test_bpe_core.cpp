@@ -38,6 +38,12 @@ void test_pretokenize() {
   CHECK((pieces(Pattern::kLlama3, "I'M 12345") == V{"I", "'M", " ", "123", "45"}));
   CHECK((pieces(Pattern::kQwen2, "x 12345") == V{"x", " ", "1", "2", "3", "4", "5"}));  // \p{N}: one digit
   CHECK(pattern_from_name("qwen2") == Pattern::kQwen2);
+  // DeepSeek-V3: digit groups of three, CJK runs (split again at the katakana middle dot U+30FB, which is
+  // punctuation), ASCII punctuation + ASCII letters, " ?" + punctuation runs.
+  CHECK((pieces(Pattern::kDeepSeekV3, "(Hello) 12345 \xE4\xBD\xA0\xE5\xA5\xBD\xE3\x82\xAB\xE3\x83\xBB\xE3\x83\x8A") ==
+         V{"(Hello", ")", " ", "123", "45", " ", "\xE4\xBD\xA0\xE5\xA5\xBD\xE3\x82\xAB", "\xE3\x83\xBB", "\xE3\x83\x8A"}));
+  CHECK((pieces(Pattern::kDeepSeekV3, "a  1") == V{"a", "  ", "1"}));  // the run before a digit ends a segment
+  CHECK(pattern_from_name("deepseek_v3") == Pattern::kDeepSeekV3);
   // Chinese is one letter run; the ideographic space is whitespace.
   CHECK((pieces(Pattern::kCl100k, "\xE4\xB8\xAD\xE6\x96\x87\xE3\x80\x80x") == V{"\xE4\xB8\xAD\xE6\x96\x87", "\xE3\x80\x80x"}));
   CHECK(pieces(Pattern::kGpt2, "").empty());

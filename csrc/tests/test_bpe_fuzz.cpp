@@ -112,7 +112,8 @@ int main() {
     const bool valid = rng() % 4 != 0;
     const std::string text = random_text(rng, valid);
     const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-    for (Pattern p : {Pattern::kGpt2, Pattern::kCl100k, Pattern::kO200k, Pattern::kLlama3, Pattern::kQwen2}) {
+    for (Pattern p : {Pattern::kGpt2, Pattern::kCl100k, Pattern::kO200k, Pattern::kLlama3, Pattern::kQwen2,
+                      Pattern::kDeepSeekV3}) {
       size_t expect = 0;
       bool ok = true;
       for_each_piece(p, s, text.size(), [&](size_t b, size_t e) {

@@ -33,6 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--system", default=None)
     parser.add_argument("--rag", default=None, metavar="INDEX", help="put passages retrieved from INDEX (`sparrow rag "
                         "index`) before each question")
+    parser.add_argument("--rag-k", type=int, default=2, help="passages retrieved per question")
     _add_sampling(parser)
     parser.set_defaults(func=run_chat, temperature=0.7, top_p=0.9)
 
@@ -89,7 +90,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from ..generate import stream_text
     from ..model_folder import load_model_and_tokenizer
-    from ..tokenizer.chat import encode_text, render_for
+    from ..tokenizer.chat import encode_messages
 
     model, tok = load_model_and_tokenizer(args.model)
     config = _sampling(args, tok)
@@ -110,12 +111,12 @@ def run_chat(args: argparse.Namespace) -> int:
         if line == "/reset":
             messages = messages[:1] if args.system else []
             continue
-        messages.append({"role": "user", "content": index.augment(line) if index is not None else line})
-        prompt = encode_text(tok, render_for(tok, messages, args.template, add_generation_prompt=True))
+        messages.append({"role": "user", "content": index.augment(line, args.rag_k) if index is not None else line})
+        prompt = encode_messages(tok, messages, args.template, add_generation_prompt=True)
         if len(prompt) + config.max_new_tokens > model.config.max_position_embeddings:
             print("(context full: starting over)")
             messages = messages[-1:]
-            prompt = encode_text(tok, render_for(tok, messages, args.template, add_generation_prompt=True))
+            prompt = encode_messages(tok, messages, args.template, add_generation_prompt=True)
         pieces = []
         for piece in stream_text(model, tok, prompt, config):
             print(piece, end="", flush=True)

@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     records.add_argument("out", help="output .jsonl")
     records.add_argument("--count", type=int, default=6000)
     records.add_argument("--max-passages", type=int, default=2)
+    records.add_argument("--questions", type=int, default=1,
+                         help="questions about the passage's person, one per turn (1-5): more to learn per passage")
     records.set_defaults(func=run_records)
 
 
@@ -98,7 +100,10 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate_rag(load(args.model), index, queries, [d["person"] for d in docs], k=args.k)
     rows = [("questions", str(result["questions"])), (f"retrieval hit rate (top {args.k})", f"{result['retrieval_hit_rate']:.3f}"),
             ("exact match without retrieval", f"{result['exact_match_without_retrieval']:.3f}"),
-            ("exact match with retrieval", f"{result['exact_match_with_retrieval']:.3f}")]
+            ("exact match with retrieval", f"{result['exact_match_with_retrieval']:.3f}"),
+            ("right only with / only without", f"{result['right_only_with_retrieval']} / "
+                                               f"{result['right_only_without_retrieval']}"),
+            ("McNemar exact p (two-sided)", f"{result['mcnemar_p']:.2g}")]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -113,7 +118,7 @@ def run_records(args: argparse.Namespace) -> int:
     from ..data.builtin_corpus import write_jsonl
     from ..rag import training_records
 
-    records = training_records(args.count, max_passages=args.max_passages)
+    records = training_records(args.count, max_passages=args.max_passages, questions=args.questions)
     write_jsonl((json.dumps(r, ensure_ascii=False) for r in records), args.out, field=None)
     print(f"wrote {len(records)} conversations to {args.out}")
     return 0

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..tokenizer.chat import IGNORE_INDEX, encode_text, render_for
+from ..tokenizer.chat import IGNORE_INDEX, encode_messages, encode_text, render_for
 
 
 def to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
@@ -49,15 +49,15 @@ def encode_chat(tokenizer, messages: Sequence[dict], template: str | None = None
     starts at the first differing token. A template whose rendering of earlier turns changes with later ones
     (e.g. one that drops past reasoning) is outside this rule.
     """
-    render = lambda msgs, gen=False: render_for(tokenizer, list(msgs), template, add_generation_prompt=gen)
-    ids = encode_text(tokenizer, render(messages))
+    encode = lambda msgs, gen=False: encode_messages(tokenizer, list(msgs), template, add_generation_prompt=gen)
+    ids = encode(messages)
     labels = [IGNORE_INDEX] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = encode_text(tokenizer, render(messages[:i], True))
-        through_text = render(messages[:i + 1])
-        through = encode_text(tokenizer, through_text)
+        before = encode(messages[:i], True)
+        through_text = render_for(tokenizer, messages[:i + 1], template)
+        through = encode(messages[:i + 1])
         # "through" ends with the end-of-turn token, then maybe "\n": the newline belongs to the template.
         end = len(through) - len(encode_text(tokenizer, "\n")) if through_text.endswith("\n") else len(through)
         start = 0

@@ -93,9 +93,12 @@ def load_stage_config(stage: str, path: str | Path | None, overrides: Sequence[s
     if options.data is None:
         raise ValueError(f"{stage}.data: a jsonl file is required")
     config = load_config(path, shared, values=values)
-    if config.model.init_from is None:
+    # SFT may start from a new model of model.preset (no pretraining); its tokenizer must then be named.
+    if config.model.init_from is None and not (stage == "sft" and options.tokenizer is not None):
         raise ValueError(f"model.init_from: the model folder to start from is required (e.g. runs/pretrain-tiny/model, "
-                         f"made by `{STARTING_MODEL_COMMAND.get(stage, 'sparrow pretrain')}`)")
+                         f"made by `{STARTING_MODEL_COMMAND.get(stage, 'sparrow pretrain')}`)"
+                         + ("; or start a new model.preset with sft.tokenizer naming its tokenizer.json"
+                            if stage == "sft" else ""))
     return config, options
 
 
@@ -103,6 +106,10 @@ def starting_tokenizer(config: Config, options: StageOptions, stage: str) -> tup
     """The tokenizer of ``model.init_from`` (or ``<stage>.tokenizer``) and its path; ``options.template`` becomes the
     template in use (:func:`~sparrow.tokenizer.chat.template_for`). A starting model that is not there is an error
     naming the folder and the command that makes it."""
+    if config.model.init_from is None:  # a new model (sft only, see load_stage_config): the named tokenizer
+        tok = load_tokenizer(Path(options.tokenizer), options.tokenizer)
+        options.template = template_for(tok, options.template)
+        return tok, find_tokenizer(Path(options.tokenizer), options.tokenizer)
     start = Path(config.model.init_from)
     made_by = STARTING_MODEL_COMMAND.get(stage, "sparrow pretrain")
     if options.tokenizer is None and not (start / "config.json").is_file():
@@ -147,7 +154,11 @@ def build_sft(config: Config, options: StageOptions, *, records: list[dict] | No
     max_length = min(options.max_length, config.data.seq_len)
     encode = lambda rows: [encode_chat(tok, to_messages(r), options.template, max_length) for r in rows]
     data = SFTDataset(encode(train), val_examples=encode(val), pad_id=tok.eot_id or 0, pack=options.pack)
-    return Trainer(config, data, CausalLMObjective(), log=log,
+    # A new model (no model.init_from) takes its vocabulary and end-of-text id from the tokenizer, as pretraining does.
+    fields = None
+    if config.model.init_from is None:
+        fields = {"eos_token_id": tok.eot_id, "vocab_size": config.model.vocab_size or tok.vocab_size}
+    return Trainer(config, data, CausalLMObjective(), log=log, model_fields=fields,
                    header={"sft": f"{len(train)} conversations ({len(val)} held out), template {_template_name(options.template)}"},
                    extra_files=_tokenizer_files(Path(config.train.out_dir), tok_path, options.template))
 

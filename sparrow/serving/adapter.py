@@ -12,7 +12,7 @@ from ..generate import GenerationConfig, next_tokens
 from ..model import KVCache, SparrowForCausalLM
 from ..model_folder import load_model_and_tokenizer
 from ..post_training.evaluation import exact_match
-from ..tokenizer.chat import TEMPLATES, render_for, stop_ids, template_for
+from ..tokenizer.chat import TEMPLATES, encode_messages, stop_ids, template_for
 
 __all__ = ["GenerationConfig", "KVCache", "LoadedModel", "SparrowForCausalLM", "exact_match", "load", "next_tokens"]
 
@@ -41,17 +41,16 @@ class LoadedModel:
         """The name of the built-in template the model was trained with (``sparrow``, ``qa``), None if its own."""
         return next((name for name, source in TEMPLATES.items() if source == self.chat_template), None)
 
-    def render_chat(self, messages: Sequence[dict]) -> str:
-        """The conversation in the model's own template, ending with the assistant header."""
-        # A built-in template by name (its plain-Python twin), else the Jinja with the checkpoint's bos/eos texts.
-        return render_for(self.tokenizer, messages, self.template_name or self.chat_template, add_generation_prompt=True)
-
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
-        return self.encode(self.render_chat(messages))
+        """Prompt ids of the conversation in the model's own template (a built-in one by name, else the Jinja with
+        the checkpoint's bos/eos texts), ending with the assistant header: special tokens only where the template writes them, special-token
+        text in a message encoded as ordinary text (as `sparrow chat` and the SFT data do)."""
+        return encode_messages(self.tokenizer, messages, self.template_name or self.chat_template,
+                               add_generation_prompt=True)
 
     def encode(self, text: str) -> list[int]:
-        # The chat template's role headers are special tokens: the rendered text is encoded with them allowed,
-        # exactly as `sparrow chat` and the SFT data do.
+        # A raw completion prompt is the caller's text in full (no roles to forge): special-token text in it is
+        # the special token, as in `sparrow generate`.
         return self.tokenizer.encode(text, allowed_special="all")
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -27,6 +27,7 @@ Python (:func:`render`); tests hold them equal.
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 from ..model import IGNORE_INDEX  # noqa: F401  (defined by the loss; chat labels use it)
@@ -158,12 +159,59 @@ def decode_answer(tokenizer, ids) -> str:
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
-    """Ids of rendered chat text: special-token text (role headers, ``<|end|>``) becomes the special tokens."""
+    """Ids of text with every special-token text (role headers, ``<|end|>``) as the special token: for text
+    the caller wrote in full (a raw completion prompt); a conversation goes through :func:`encode_messages`."""
     return list(tokenizer.encode(text, allowed_special="all"))
+
+
+# Stand-ins for message contents while finding which special tokens the template itself writes (Unicode
+# private-use characters, which no template emits).
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_MARK = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
+
+
+def encode_messages(tokenizer, messages: Sequence[dict], template: str | None = None,
+                    add_generation_prompt: bool = False) -> list[int]:
+    """Ids of a conversation rendered by :func:`render_for`, with special tokens only where the template writes
+    them: special-token text inside a message's content (``<|user|>``, ``<|im_start|>``...) is encoded as
+    ordinary text, so a user cannot forge a role header or end a turn. The ids equal :func:`encode_text` of the
+    rendered text whenever no content holds special-token text.
+
+    The template's own special tokens are found by rendering it with a stand-in for each content; a template
+    that rewrites contents (a stand-in does not come through once and in order, or putting the contents back
+    does not give the rendered text) is refused with ``ValueError`` when a content holds special-token text,
+    never silently encoded with it."""
+    text = render_for(tokenizer, messages, template, add_generation_prompt)
+    specials = getattr(tokenizer, "special_tokens", {})
+    contents = [str(m.get("content", "")) for m in messages]
+    if not any(token in content for content in contents for token in specials):
+        return encode_text(tokenizer, text)
+    marked = render_for(tokenizer, [{**m, "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(messages)],
+                        template, add_generation_prompt)
+    parts = _MARK.split(marked)  # template text, content index, template text, ...
+    rebuilt = "".join(contents[int(p)] if n % 2 else p for n, p in enumerate(parts))
+    if [int(i) for i in parts[1::2]] != list(range(len(messages))) or rebuilt != text:
+        raise ValueError("messages: a content holds special-token text and the chat template rewrites contents, "
+                         "so it cannot be encoded as ordinary text")
+    # Special tokens of the template split the text; everything between two of them (template text and contents
+    # alike) is encoded as one ordinary piece, exactly as encode(..., allowed_special="all") splits it.
+    split = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
+    ids, pending = [], ""
+    for n, part in enumerate(parts):
+        if n % 2:
+            pending += contents[int(part)]
+            continue
+        for k, piece in enumerate(split.split(part)):
+            if k % 2:
+                ids += tokenizer.encode_ordinary(pending) if pending else []
+                ids.append(specials[piece])
+                pending = ""
+            else:
+                pending += piece
+    return ids + (tokenizer.encode_ordinary(pending) if pending else [])
 
 
 def prompt_ids(tokenizer, question: str, template: str | None = None) -> list[int]:
     """Ids of ``question`` asked as a user turn, ready for the assistant's answer; ``template`` defaults to the
     model's (:func:`template_for`)."""
-    return encode_text(tokenizer, render_for(tokenizer, [{"role": "user", "content": question}], template,
-                                             add_generation_prompt=True))
+    return encode_messages(tokenizer, [{"role": "user", "content": question}], template, add_generation_prompt=True)

@@ -153,9 +153,12 @@ class Tokenizer:
         if not self._normalizer or text.isascii():
             return text
         ud = _unicodedata()
-        if ud.is_normalized(self._normalizer, text):
+        # unicodedata2 (16.0.0) has no is_normalized: the quick check only where the module has it.
+        if getattr(ud, "is_normalized", None) and ud.is_normalized(self._normalizer, text):
             return text
         normalized = ud.normalize(self._normalizer, text)
+        if normalized == text:
+            return text
         if any(t in text or t in normalized for t in self._added_texts):
             raise ValueError(f"{self.name}: text that is not in {self._normalizer} form and contains added tokens: "
                              f"the tokenizer's {self._normalizer} normalizer is not supported there")
@@ -254,6 +257,12 @@ class Tokenizer:
     @property
     def pattern(self) -> str:
         return self._enc.pattern
+
+    @property
+    def digit_split(self) -> str:
+        """The tokenizer.json's Digits pre-tokenizer, applied before the pattern: "" (none), "runs"
+        (individual_digits=false) or "individual" (individual_digits=true)."""
+        return self._enc.digit_split
 
     def token_to_id(self, token: str | bytes) -> int | None:
         """The id of a token given by its text (str) or raw bytes, or None. (For HF-style byte-level

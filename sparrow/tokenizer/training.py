@@ -42,11 +42,9 @@ def _text_iterator(data, field: str, text_unit: str) -> Iterator[str]:
 
 
 def build_trainer_tokenizer(split_digits: bool = False):
-    """An empty byte-level BPE tokenizer configured as Sparrow trains it. ``split_digits``: every digit is a
-    piece of its own before the byte-level split (HF ``pre_tokenizers.Digits(individual_digits=True)`` in a
-    ``Sequence`` ahead of ``ByteLevel``, as the Llama and DeepSeek tokenizers split numbers), so no merge ever
-    joins two digits and "123" is always the tokens 1, 2, 3: sums can be learnt digit by digit instead of as
-    a table of whole-number tokens."""
+    """An empty byte-level BPE tokenizer configured as Sparrow trains it. ``split_digits`` puts HF's
+    ``Digits(individual_digits=True)`` in front of the split pattern (every digit its own token, for
+    arithmetic); the C++ encoder loads both layouts."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, processors
 
@@ -72,9 +70,7 @@ def train_tokenizer(data, vocab_size: int = DEFAULT_VOCAB_SIZE, out_dir: str | o
     iterable of strings. ``special_tokens`` default to :data:`sparrow.tokenizer.SPECIAL_TOKENS` and take
     ids 0, 1, ... in order. The 256 byte tokens come next, so any text is encodable; merges learnt on a
     multilingual corpus cover its scripts (Chinese characters become tokens, not byte triples).
-    ``split_digits``: one token per digit (:func:`build_trainer_tokenizer`); the file is HF's own, so HF
-    ``tokenizers`` encodes it exactly, and Sparrow opens it with
-    :func:`sparrow.tokenizer.hf_fallback.open_tokenizer` where the C++ encoder does not implement the split.
+    ``split_digits``: every digit its own token (see :func:`build_trainer_tokenizer`).
     """
     from tokenizers import pre_tokenizers, trainers
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..model import IGNORE_INDEX, SparrowForCausalLM, patch
+from ..model import IGNORE_INDEX, MoeMLP, SparrowForCausalLM, patch
 from . import checkpoint as ckpt
 from . import distributed
 from .config import Config
@@ -67,7 +67,9 @@ class CausalLMObjective:
 
 def router_metrics(out: Any) -> dict[str, float]:
     """What a mixture-of-experts forward logs (nothing for a dense model): its two router losses, the tokens each
-    expert received summed over the MoE layers (``expert_tokens/<e>``), and the worst layer's max/min ratio."""
+    expert received summed over the MoE layers (``expert_tokens/<e>``), each MoE layer's max/min ratio of tokens
+    per expert (``expert_max_min/<layer>``, counting the MoE layers from 0) and the worst of them
+    (``expert_max_min``)."""
     counts = getattr(out, "expert_counts", None)
     if counts is None:
         return {}
@@ -76,6 +78,8 @@ def router_metrics(out: Any) -> dict[str, float]:
     for e, n in enumerate(counts.sum(0).tolist()):
         metrics[f"expert_tokens/{e}"] = float(n)
     ratio = counts.max(1).values.double() / counts.min(1).values.clamp_min(1).double()
+    for layer, r in enumerate(ratio.tolist()):
+        metrics[f"expert_max_min/{layer}"] = r
     metrics["expert_max_min"] = float(ratio.max())
     return metrics
 
@@ -115,9 +119,13 @@ def lr_lambda(warmup_steps: int, max_steps: int, min_ratio: float):
 def build_optimizer(model: nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
     t = config.train
     # Weight decay on matrices only: decaying norm gains pulls them towards zero for no regularising benefit.
-    params = [p for p in model.parameters() if p.requires_grad]
+    # MoE routers get their own group at lr * router_lr_scale (see TrainSection.router_lr_scale).
+    routers = [m.gate.weight for m in model.modules() if isinstance(m, MoeMLP) and m.gate.weight.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad and all(p is not r for r in routers)]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if routers:
+        groups.append({"params": routers, "weight_decay": t.weight_decay, "lr": t.lr * t.router_lr_scale})
     kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     fused = t.fused_adamw if t.fused_adamw is not None else device.type in ("cuda", "cpu")
     if fused:

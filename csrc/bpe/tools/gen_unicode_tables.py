@@ -28,7 +28,7 @@ if ud.unidata_version != EXPECTED_VERSION:
     sys.exit(f"unicodedata2 has Unicode {ud.unidata_version}, want {EXPECTED_VERSION}")
 
 # Flag bits, mirrored in unicode.h.
-LETTER, NUMBER, SPACE, UPPERISH, LOWERISH, MARK = 1, 2, 4, 8, 16, 32
+LETTER, NUMBER, SPACE, UPPERISH, LOWERISH, MARK, PUNCT_SYMBOL = 1, 2, 4, 8, 16, 32, 64
 
 # The White_Space property (PropList.txt); what \s means to both regex engines. Python's str.isspace
 # is not it (it includes U+001C..U+001F), and unicodedata does not expose properties.
@@ -49,6 +49,8 @@ def flags(cp: int) -> int:
         f |= NUMBER
     if cat[0] == "M":
         f |= MARK
+    if cat[0] in ("P", "S"):  # DeepSeek-V3's [\p{P}\p{S}]
+        f |= PUNCT_SYMBOL
     # o200k's two case classes: [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}] and [\p{Ll}\p{Lm}\p{Lo}\p{M}].
     if cat in ("Lu", "Lt", "Lm", "Lo") or cat[0] == "M":
         f |= UPPERISH

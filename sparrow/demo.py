@@ -166,7 +166,8 @@ def prepare_corpus(demo: Demo, config: Config):
     d = config.data
     return prepare_builtin(d.cache_dir, vocab_size=config.model.model_config().vocab_size, seed=d.builtin_seed,
                            python_docs=d.builtin_python_docs, arithmetic_docs=d.builtin_arithmetic_docs,
-                           num_people=d.builtin_num_people, reading_docs=d.builtin_reading_docs, log=demo.log)
+                           num_people=d.builtin_num_people, reading_docs=d.builtin_reading_docs,
+                           split_digits=d.builtin_split_digits, log=demo.log)
 
 
 def run_sft(demo: Demo, train_items: list[EvalItem], steps: int):

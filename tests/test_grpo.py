@@ -18,6 +18,7 @@ from sparrow.post_training.grpo import (
 )
 from sparrow.post_training.rewards import (
     WeightedRewards,
+    arithmetic_closeness,
     arithmetic_partial,
     exact_answer,
     format_reward,
@@ -127,6 +128,12 @@ def test_reward_functions():
     assert arithmetic_partial("q", "168", "68") == pytest.approx(0.25 + 0.25 + 0 + 0.25)
     assert arithmetic_partial("q", "cat", "68") == 0.0
     assert arithmetic_partial("q", "Paris", "Paris") == 1.0  # a non-numeric reference: exact
+    # Closeness: 1 exact, else half of 1 - |error| / max(|reference|, 10); no credit for form.
+    assert arithmetic_closeness("q", "68", "68") == 1.0
+    assert arithmetic_closeness("q", "72.", "68") == pytest.approx(0.5 * (1 - 4 / 68))
+    assert arithmetic_closeness("q", "-3", "-5") == pytest.approx(0.5 * (1 - 2 / 10))
+    assert arithmetic_closeness("q", "200", "68") == 0.0 and arithmetic_closeness("q", "cat", "68") == 0.0
+    assert arithmetic_closeness("q", "Rome", "Paris") == 0.0 and resolve_reward("closeness") is arithmetic_closeness
     both = WeightedRewards([{"name": "exact", "weight": 2.0}, "format"])
     assert both("q", "68", "68") == 3.0 and both("q", "12", "68") == 1.0
     assert both.describe() == "2 exact + 1 format"

@@ -231,6 +231,22 @@ def test_cli_train_merge_encode(tmp_path, capsys):
     assert ids == Tokenizer.from_file(tmp_path / "t").encode("hi<|endoftext|>", allowed_special="all") and ids[-1] == 0
 
 
+def test_split_digits_reaches_the_cli_flag_and_the_builtin_corpus(tmp_path):
+    from sparrow.train.builtin_data import train_bpe
+
+    docs = [f"What is {a} plus {b}? {a + b}." for a in range(10, 99, 3) for b in (12, 47, 85)] * 3
+    (tmp_path / "c.txt").write_text("\n".join(docs), encoding="utf-8")
+    args = _parser().parse_args(["tokenizer", "train", str(tmp_path / "c.txt"), "-o", str(tmp_path / "cli"),
+                                 "--vocab-size", "400", "--no-progress", "--split-digits"])
+    assert args.func(args) == 0
+    built = train_bpe(docs, 400, tmp_path / "builtin", split_digits=True)
+    plain = Tokenizer.from_file(train_bpe(docs, 400, tmp_path / "plain"))
+    for path in (tmp_path / "cli" / "tokenizer.json", built):
+        tok = Tokenizer.from_file(path)
+        assert tok.digit_split == "individual"
+        assert [tok.decode([i]).strip() for i in tok.encode_ordinary(" 168") if tok.decode([i]).strip()] == ["1", "6", "8"]
+    assert len(plain.encode_ordinary(" 168")) < 3  # without the flag the corpus's numbers merge
+
 def test_long_pieces_match_hf(pair):
     """Pieces longer than the array BPE's limit take the heap path; both must agree with HF."""
     tok, hf = pair

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     train.add_argument("--special-tokens", default=None,
                        help="comma-separated special tokens (default: the Sparrow set, <|endoftext|> first)")
     train.add_argument("--limit", type=int, default=None, help="train on at most this many documents")
+    train.add_argument("--split-digits", action="store_true",
+                       help="one token per digit (HF Digits(individual_digits=True) ahead of ByteLevel)")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=_run_train)
 
@@ -48,7 +50,8 @@ def _run_train(args: argparse.Namespace) -> int:
     specials = SPECIAL_TOKENS if args.special_tokens is None else [s for s in args.special_tokens.split(",") if s]
     texts = iter_texts(args.inputs, field=args.field, text_unit=args.text_unit, limit=args.limit)
     tok = train_tokenizer(texts, vocab_size=args.vocab_size, out_dir=args.output, special_tokens=specials,
-                          min_frequency=args.min_frequency, show_progress=not args.no_progress)
+                          min_frequency=args.min_frequency, show_progress=not args.no_progress,
+                          split_digits=args.split_digits)
     print(f"wrote {args.output}/tokenizer.json (vocab size {tok.get_vocab_size()}) and tokenizer_config.json")
     return 0
 

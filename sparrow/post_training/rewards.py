@@ -13,7 +13,13 @@ Built in, by name (:data:`REWARDS`):
     Partial credit for numeric answers, dense where ``exact`` is a needle in a haystack for a model that rarely
     gets a sum right: 0.25 for an integer answer, 0.25 for the right sign, 0.25 for the right number of digits
     and 0.25 times the share of digits right (aligned from the units), so 1 exactly when the answer is right.
-    A non-numeric reference falls back to ``exact``.
+    A non-numeric reference falls back to ``exact``. Its credit for form (integer, sign, length) is paid to any
+    guess, so a policy can raise it without answering any better.
+``closeness``
+    Partial credit only for being near: 1 for the exact answer, else ``0.5 * max(0, 1 - |answer - reference| /
+    max(|reference|, 10))`` for an integer answer and 0 otherwise. No credit for form, so a fixed guess earns
+    little and nothing within a group (advantages compare one prompt's samples); the credit grows as the
+    answer's magnitude (its leading digits) comes right. A non-numeric reference falls back to ``exact``.
 
 Anything else is ``module:function`` (imported), so a YAML can name its own reward.
 """
@@ -57,7 +63,21 @@ def arithmetic_partial(prompt: str, completion: str, reference: str) -> float:
     return 0.25 + 0.25 * sign + 0.25 * (len(got) == len(want)) + 0.25 * digits
 
 
-REWARDS: dict[str, RewardFn] = {"exact": exact_answer, "format": format_reward, "arithmetic": arithmetic_partial}
+def arithmetic_closeness(prompt: str, completion: str, reference: str) -> float:
+    reference = reference.strip()
+    if not _INTEGER.fullmatch(reference):
+        return exact_answer(prompt, completion, reference)
+    answer = extract_answer(completion)
+    if not _INTEGER.fullmatch(answer):
+        return 0.0
+    got, want = int(answer), int(reference)
+    if got == want:
+        return 1.0
+    return 0.5 * max(0.0, 1.0 - abs(got - want) / max(abs(want), 10))
+
+
+REWARDS: dict[str, RewardFn] = {"exact": exact_answer, "format": format_reward, "arithmetic": arithmetic_partial,
+                                "closeness": arithmetic_closeness}
 
 
 def resolve_reward(name: str) -> RewardFn:

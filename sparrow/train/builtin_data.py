@@ -39,7 +39,7 @@ def cleaning_steps():
 
 def prepare_builtin(cache_dir: str | os.PathLike, *, vocab_size: int, seed: int = 0, python_docs: bool = True,
                     arithmetic_docs: int = 1000, num_people: int = 240, reading_docs: int = 1000,
-                    log=print) -> PreparedData:
+                    split_digits: bool = False, log=print) -> PreparedData:
     """Cleaned corpus, tokenizer and token file for the built-in corpus, built on first use and cached under
     ``cache_dir``."""
     from ..data.cleaning import Cleaner
@@ -47,6 +47,7 @@ def prepare_builtin(cache_dir: str | os.PathLike, *, vocab_size: int, seed: int 
     steps = cleaning_steps()
     settings = {"version": _PREPARE_VERSION, "vocab_size": vocab_size, "seed": seed, "python_docs": python_docs,
                 "arithmetic_docs": arithmetic_docs, "num_people": num_people, "reading_docs": reading_docs,
+                **({"split_digits": True} if split_digits else {}),  # absent when off: earlier caches stay valid
                 "cleaning": [name for name, _ in steps], "tokenizer": _backend_name(),
                 "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -71,7 +72,7 @@ def prepare_builtin(cache_dir: str | os.PathLike, *, vocab_size: int, seed: int 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        train_bpe(docs, vocab_size, tmp)
+        train_bpe(docs, vocab_size, tmp, split_digits=split_digits)
         tokenize(docs, tmp / TOKENIZER_FILE, tmp / "tokens", source=f"builtin(seed={seed})",
                  recorded_tokenizer=str(folder / TOKENIZER_FILE))
         (tmp / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
@@ -90,12 +91,12 @@ def _backend_name() -> str:
     return "sparrow.tokenizer"
 
 
-def train_bpe(docs: list[str], vocab_size: int, folder: Path) -> Path:
+def train_bpe(docs: list[str], vocab_size: int, folder: Path, *, split_digits: bool = False) -> Path:
     """Train Sparrow's byte-level BPE (with its special tokens and chat template) on ``docs`` into ``folder``;
     returns the tokenizer.json path."""
     from ..tokenizer import train_tokenizer
 
-    train_tokenizer(iter(docs), vocab_size, folder, show_progress=False)
+    train_tokenizer(iter(docs), vocab_size, folder, show_progress=False, split_digits=split_digits)
     return folder / TOKENIZER_FILE
 
 

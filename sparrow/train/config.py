@@ -81,6 +81,9 @@ class DataSection:
     builtin_arithmetic_docs: int = 1000
     builtin_num_people: int = 240
     builtin_reading_docs: int = 1000
+    # One token per digit in the built-in corpus's tokenizer (sparrow.tokenizer.training.build_trainer_tokenizer):
+    # numbers become digit sequences (sums learnable digit by digit). Off: the demo's measured tokenizer.
+    builtin_split_digits: bool = False
 
 
 @dataclass

@@ -28,7 +28,8 @@ def _prepare_tokens(config: Config, info: distributed.DistInfo, log) -> tuple[Pa
             prepared = prepare_builtin(d.cache_dir, vocab_size=config.model.model_config().vocab_size,
                                        seed=d.builtin_seed, python_docs=d.builtin_python_docs,
                                        arithmetic_docs=d.builtin_arithmetic_docs, num_people=d.builtin_num_people,
-                                       reading_docs=d.builtin_reading_docs, log=log)
+                                       reading_docs=d.builtin_reading_docs, split_digits=d.builtin_split_digits,
+                                       log=log)
             outcome = {"tokens": str(prepared.tokens), "tokenizer": str(prepared.tokenizer_dir / TOKENIZER_FILE)}
         except Exception as exc:
             outcome = {"error": f"{type(exc).__name__}: {exc}"}

@@ -50,26 +50,34 @@ def format_reward(prompt: str, completion: str, reference: str) -> float:
     return 1.0
 
 
-def arithmetic_partial(prompt: str, completion: str, reference: str) -> float:
-    reference = reference.strip()
-    if not _INTEGER.fullmatch(reference):
-        return exact_answer(prompt, completion, reference)
-    answer = extract_answer(completion)
-    if not _INTEGER.fullmatch(answer):
-        return 0.0
+def _integer_reward(score: Callable[[str, str], float]) -> RewardFn:
+    """A reward for integer references from ``score(answer, reference)`` on the completion's integer answer: a
+    non-integer reference falls back to ``exact`` (facts and reading questions), a non-integer answer earns 0."""
+
+    def reward(prompt: str, completion: str, reference: str) -> float:
+        reference = reference.strip()
+        if not _INTEGER.fullmatch(reference):
+            return exact_answer(prompt, completion, reference)
+        answer = extract_answer(completion)
+        if not _INTEGER.fullmatch(answer):
+            return 0.0
+        return score(answer, reference)
+
+    reward.__name__ = reward.__qualname__ = score.__name__
+    reward.__doc__ = score.__doc__
+    return reward
+
+
+@_integer_reward
+def arithmetic_partial(answer: str, reference: str) -> float:
     got, want = answer.lstrip("-"), reference.lstrip("-")
     sign = answer.startswith("-") == reference.startswith("-")
     digits = sum(a == b for a, b in zip(reversed(got), reversed(want))) / len(want)
     return 0.25 + 0.25 * sign + 0.25 * (len(got) == len(want)) + 0.25 * digits
 
 
-def arithmetic_closeness(prompt: str, completion: str, reference: str) -> float:
-    reference = reference.strip()
-    if not _INTEGER.fullmatch(reference):
-        return exact_answer(prompt, completion, reference)
-    answer = extract_answer(completion)
-    if not _INTEGER.fullmatch(answer):
-        return 0.0
+@_integer_reward
+def arithmetic_closeness(answer: str, reference: str) -> float:
     got, want = int(answer), int(reference)
     if got == want:
         return 1.0

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from sparrow.cli import main
-from sparrow.demo import heldout_sample, learning_checks, run_demo
+import sparrow.demo
+from sparrow.demo import DPO_OPTIONS, Demo, heldout_sample, learning_checks, run_demo, run_dpo
 
 
 def rows(pre=(0.0, 0.01), sft=(0.30, 0.60, 0.40), dpo=(0.31, 0.70, 0.90)):
@@ -60,6 +61,24 @@ def test_heldout_sample_weighs_the_tasks_equally():
     sample = heldout_sample(0, 7)
     assert len(sample) == 21 and {i.task for i in sample} == {"facts", "arithmetic", "reading"}
     assert all(i.split == "heldout" for i in sample) and heldout_sample(0, 7) == sample
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_dpo_stage_takes_its_options_from_the_model_kind(tmp_path, monkeypatch, moe):
+    seen = {}
+
+    def fake_build_dpo(config, options, pairs, log):
+        seen.update(options=options, config=config)
+        raise StopIteration  # the stage itself is exercised by the shrunk run below
+
+    monkeypatch.setattr(sparrow.demo, "build_dpo", fake_build_dpo)
+    with pytest.raises(StopIteration):
+        run_dpo(Demo(tmp_path), [], steps=3, moe=moe)
+    options = seen["options"]
+    expected = DPO_OPTIONS["moe" if moe else "dense"]
+    assert (options.beta, options.rpo_alpha) == (expected["beta"], expected["rpo_alpha"])
+    assert seen["config"].train.max_steps == 3 and seen["config"].model.init_from == str(tmp_path / "sft" / "model")
+    assert DPO_OPTIONS["dense"]["rpo_alpha"] > 0  # the dense demo keeps exact match with the RPO term
 
 
 @pytest.mark.slow

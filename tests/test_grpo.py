@@ -159,7 +159,7 @@ def test_prompts_from_jsonl_and_builtin(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- training
 
-def grpo_trainer(out_dir, steps, *, save_every=0, beta=0.0, variant="grpo"):
+def grpo_trainer(out_dir, steps, *, save_every=0, beta=0.0, variant="grpo", updates=1):
     tok = DigitTokenizer()
     config = Config()
     config.train.out_dir = str(out_dir)
@@ -168,9 +168,10 @@ def grpo_trainer(out_dir, steps, *, save_every=0, beta=0.0, variant="grpo"):
     config.train.device = "cpu"
     config.data.micro_batch_size, config.data.seq_len = 4, 32
     model = tiny_model()
-    data = PromptSource([{"prompt": f"{i}", "reference": "7"} for i in range(12)], tok)
+    data = PromptSource([{"prompt": f"{i}", "reference": "7"} for i in range(12)], tok, updates_per_batch=updates,
+                        global_batch=4)
     objective = GRPOObjective.with_reference_copy(model, tok, sevens, group_size=6, max_new_tokens=4, beta=beta,
-                                                  variant=variant)
+                                                  variant=variant, updates_per_batch=updates)
     return Trainer(config, data, objective, model=model, log=lambda *a, **k: None)
 
 
@@ -208,6 +209,77 @@ def test_resume_gives_the_same_samples_and_losses(tmp_path, monkeypatch):
     for a, b in zip(got, expected):
         assert {k: v for k, v in a.items() if k not in ("tok_per_s", "elapsed_s")} == \
                {k: v for k, v in b.items() if k not in ("tok_per_s", "elapsed_s")}
+
+
+def test_updates_per_batch_reuse_one_rollout(tmp_path):
+    tok = DigitTokenizer()
+    # Prompt positions: with 2 updates and 4 rows a step (micro-batches of 2), steps 0 and 1 read positions 0-3,
+    # steps 2 and 3 positions 4-7, so every prompt is still read once per epoch.
+    source = PromptSource([{"prompt": f"{i}", "reference": "7"} for i in range(12)], tok, updates_per_batch=2,
+                          global_batch=4)
+    single = PromptSource([{"prompt": f"{i}", "reference": "7"} for i in range(12)], tok)
+    for sample, (position, update) in {0: (0, 0), 2: (2, 0), 4: (0, 1), 6: (2, 1), 8: (4, 0), 14: (6, 1)}.items():
+        batch = source.train_batch(sample, 2)
+        assert (batch["first_sample"], batch["update"]) == (position, update)
+        assert batch["prompts"] == single.train_batch(position, 2)["prompts"]
+
+    # The second update does not sample: it reuses the completions, advantages and the sampling policy's
+    # log-probs, so after an optimizer step its loss is the clipped surrogate of the new/old ratio, by hand.
+    model = tiny_model()
+    objective = GRPOObjective(tok, sevens, group_size=4, max_new_tokens=3, updates_per_batch=2)
+    calls = []
+    sample = objective.sample
+    objective.sample = lambda *a: calls.append(a[2]) or sample(*a)
+    first = source.train_batch(0, 2)
+    loss0, metrics0 = objective.loss(model, first)
+    rollout = objective._rollouts[0]
+    old = rollout["old_logps"].clone()
+    assert loss0.item() == pytest.approx(0.0, abs=1e-6) and metrics0["clip_fraction"] == 0.0
+    assert "reward_mean" in metrics0
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # the policy moves
+    loss1, metrics1 = objective.loss(model, source.train_batch(4, 2))
+    assert calls == [0] and "reward_mean" not in metrics1 and 0 not in objective._rollouts
+    with torch.no_grad():
+        from sparrow.post_training.losses import token_logprobs
+        new, mask = token_logprobs(model(rollout["ids"]).logits, rollout["labels"])
+    adv = rollout["advantages"]
+    expected, clipped, tokens = 0.0, 0, 0
+    for i in range(new.shape[0]):
+        per_token = []
+        for t in range(new.shape[1]):
+            if mask[i, t]:
+                ratio = math.exp(new[i, t] - old[i, t])
+                a = float(adv[i])
+                per_token.append(-min(ratio * a, min(max(ratio, 0.8), 1.2) * a))
+                clipped += (ratio > 1.2 and a > 0) or (ratio < 0.8 and a < 0)
+                tokens += 1
+        expected += sum(per_token) / len(per_token)
+    assert loss1.item() == pytest.approx(expected / new.shape[0], rel=1e-5)
+    assert metrics1["clip_fraction"] == pytest.approx(clipped / tokens) and clipped > 0
+    with pytest.raises(RuntimeError, match="updates_per_batch"):
+        objective.loss(model, source.train_batch(12, 2))  # update 1 of a rollout never generated
+
+
+def test_updates_per_batch_resume_and_refusals(tmp_path, monkeypatch):
+    full = grpo_trainer(tmp_path / "full", 6, save_every=2, updates=2).fit()
+    expected = read_metrics(tmp_path / "full")
+    assert [r["step"] for r in expected if "reward_mean" in r] == [1, 3, 5]
+    assert all("clip_fraction" in r for r in expected if "loss" in r)
+
+    def kill_after_step_4(variable, step):
+        if variable == "SPARROW_TEST_KILL_AFTER_STEP" and step == 4:
+            raise Killed
+
+    monkeypatch.setattr(ckpt, "_kill_point", kill_after_step_4)
+    with pytest.raises(Killed):
+        grpo_trainer(tmp_path / "cut", 6, save_every=2, updates=2).fit()
+    resumed = grpo_trainer(tmp_path / "cut", 6, save_every=2, updates=2).fit(resume=True)
+    assert resumed.losses == {s: full.losses[s] for s in (5, 6)}
+    with pytest.raises(ValueError, match="updates_per_batch"):
+        GRPOObjective(DigitTokenizer(), sevens, updates_per_batch=0)
+    with pytest.raises(ValueError, match="global_batch"):
+        PromptSource([{"prompt": "1", "reference": "7"}], DigitTokenizer(), updates_per_batch=2)
 
 
 def test_bad_options_are_refused():
@@ -257,3 +329,10 @@ def test_grpo_command_and_the_shipped_config(tmp_path):
     assert all(r["response_length"] <= 3 and "kl" in r for r in records)
     assert (tmp_path / "grpo" / "reward.png").is_file() and (tmp_path / "grpo" / "model" / "tokenizer.json").is_file()
     assert main(["grpo", "--config", str(tmp_path / "grpo.yaml"), "grpo.rewards=[nope]"]) == 2
+    # Two optimizer steps on one generated batch: the rewards are logged once, on the step that samples.
+    assert main(["grpo", "--config", str(tmp_path / "grpo.yaml"), "grpo.updates_per_batch=2",
+                 f"train.out_dir={tmp_path / 'twice'}"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "twice") if "reward_mean" in r] == [1]
+    with pytest.raises(ValueError, match="train.max_steps: 2 is not a multiple of grpo.updates_per_batch"):
+        from sparrow.post_training.stages import build_grpo
+        build_grpo(*load_stage_config("grpo", tmp_path / "grpo.yaml", ["grpo.updates_per_batch=3"]))

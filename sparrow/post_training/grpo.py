@@ -13,8 +13,13 @@ plus, with ``beta > 0``, a KL penalty to a frozen reference by the k3 estimator 
 
 ``grpo`` averages l_t over each completion's tokens, then over completions; ``dr_grpo`` sums over tokens and
 divides by a constant (completions x ``max_new_tokens``), so long wrong answers are not favoured by the per-sequence
-mean. ``logp_old`` is the sampling policy's: one optimizer step per generation (TRL's ``num_iterations=1``), so the
-ratio is 1 in value and the clip acts only when :func:`grpo_loss` is given other old log-probs.
+mean. ``logp_old`` is the sampling policy's. With ``updates_per_batch: 1`` (TRL's ``num_iterations=1``) there is one
+optimizer step per generation, so the ratio is 1 in value and the clip never acts; with ``K > 1`` the Trainer's
+next ``K - 1`` steps reuse the same completions, advantages and ``logp_old`` (PPO's epochs over one rollout: the
+prompt source hands those steps the same prompts), the policy has moved, and the ratio and its clip bound the
+update. Checkpoints then fall on rollout boundaries (``train.save_every`` and ``train.max_steps`` multiples of
+``K``), so a resumed run generates exactly what the uninterrupted one did. The rewards, pass@k and response
+length are logged on the step that generates (once per rollout); the loss, KL and clip fraction on every step.
 
 The sampling generator is seeded from ``(train.seed, first sample of the micro-batch)``, so a step's completions
 are a pure function of the weights and the step: a resumed run samples exactly what the uninterrupted run sampled.
@@ -131,14 +136,25 @@ def read_prompts(path: str | os.PathLike) -> list[dict[str, str]]:
 
 class PromptSource:
     """The Trainer's batch source for GRPO: a micro-batch is prompts (encoded as a chat user turn) and their
-    references, read in a seeded order reshuffled each epoch (a pure function of the sample index)."""
+    references, read in a seeded order reshuffled each epoch (a pure function of the sample index).
 
-    def __init__(self, records: Sequence[dict[str, str]], tokenizer, *, template: str = "sparrow", seed: int = 0):
+    With ``updates_per_batch = K > 1`` (and the Trainer's ``global_batch``, rows per step over all ranks), step
+    ``t`` reads the prompts at the positions of step ``t // K`` of a single pass, so the ``K`` steps of a rollout
+    read the same prompts; the batch's ``first_sample`` (which keys the rollout and seeds its sampling) is that
+    position and ``update`` is ``t % K``."""
+
+    def __init__(self, records: Sequence[dict[str, str]], tokenizer, *, template: str = "sparrow", seed: int = 0,
+                 updates_per_batch: int = 1, global_batch: int | None = None):
         if not records:
             raise ValueError("prompts: need at least one")
+        if updates_per_batch < 1:
+            raise ValueError(f"updates_per_batch: must be >= 1, got {updates_per_batch}")
+        if updates_per_batch > 1 and not global_batch:
+            raise ValueError("global_batch: rows per step are needed to repeat a step's prompts (updates_per_batch > 1)")
         self.records = list(records)
         self.ids = [prompt_ids(tokenizer, r["prompt"], template) for r in self.records]
         self.seed = seed
+        self.updates_per_batch, self.global_batch = updates_per_batch, global_batch or 1
         self._orders: dict[int, list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
@@ -149,10 +165,14 @@ class PromptSource:
         return self._orders[epoch]
 
     def train_batch(self, first_sample: int, count: int) -> dict[str, Any]:
+        step, offset = divmod(first_sample, self.global_batch)
+        rollout, update = divmod(step, self.updates_per_batch)
+        first_sample = rollout * self.global_batch + offset  # every prompt is read once per epoch, whatever K
         n = len(self.records)
         picks = [self._order(s // n)[s % n] for s in range(first_sample, first_sample + count)]
         return {"prompt_ids": [self.ids[i] for i in picks], "prompts": [self.records[i]["prompt"] for i in picks],
-                "references": [self.records[i]["reference"] for i in picks], "first_sample": first_sample}
+                "references": [self.records[i]["reference"] for i in picks], "first_sample": first_sample,
+                "update": update}
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -164,7 +184,8 @@ class GRPOObjective:
 
     def __init__(self, tokenizer, reward: Callable[[str, str, str], float], *, reference: nn.Module | None = None,
                  group_size: int = 8, max_new_tokens: int = 8, temperature: float = 1.0, top_k: int = 0,
-                 epsilon: float = 0.2, beta: float = 0.0, variant: str = "grpo", seed: int = 0):
+                 epsilon: float = 0.2, beta: float = 0.0, variant: str = "grpo", seed: int = 0,
+                 updates_per_batch: int = 1):
         if group_size < 2:
             raise ValueError(f"group_size: must be >= 2 (advantages compare samples of one prompt), got {group_size}")
         if max_new_tokens < 1:
@@ -175,6 +196,10 @@ class GRPOObjective:
             raise ValueError(f"variant: must be one of {VARIANTS}, got {variant!r}")
         if beta > 0 and reference is None:
             raise ValueError("beta > 0 needs a reference model")
+        if updates_per_batch < 1:
+            raise ValueError(f"updates_per_batch: must be >= 1, got {updates_per_batch}")
+        self.updates_per_batch = updates_per_batch
+        self._rollouts: dict[int, dict[str, Any]] = {}  # first_sample -> a rollout still to be reused
         self.tokenizer, self.reward, self.reference = tokenizer, reward, reference
         if reference is not None:
             reference.eval().requires_grad_(False)
@@ -199,7 +224,10 @@ class GRPOObjective:
         finally:
             raw.train(was_training)
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+    def rollout(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """Completions of the batch's prompts from the current policy, their rewards, advantages, the padded
+        ``prompt + completion`` ids and labels, the reference's log-probs (``beta > 0``) and the metrics of the
+        samples."""
         prompts, G = batch["prompt_ids"], self.group_size
         completions = self.sample(model, prompts, int(batch["first_sample"]))
         texts = [decode_answer(self.tokenizer, c) for c in completions]
@@ -207,23 +235,42 @@ class GRPOObjective:
         references = [r for r in batch["references"] for _ in range(G)]
         rewards = torch.tensor([float(self.reward(q, t, r)) for q, t, r in zip(questions, texts, references)])
         correct = torch.tensor([exact_answer(q, t, r) for q, t, r in zip(questions, texts, references)])
-        advantages = group_advantages(rewards, G, scale=self.variant == "grpo")
-
         device = next(model.parameters()).device
         ids, labels = completion_batch([p for p in prompts for _ in range(G)], completions)
         ids, labels = ids.to(device), labels.to(device)
-        logps, mask = token_logprobs(model(ids).logits, labels)
         ref_logps = None
         if self.beta > 0:
             with torch.no_grad():
                 ref_logps, _ = token_logprobs(self.reference(ids).logits, labels)
-        loss, metrics = grpo_loss(logps, logps.detach(), advantages.to(device), mask, ref_logps=ref_logps,
-                                  beta=self.beta, epsilon=self.epsilon, variant=self.variant,
-                                  max_new_tokens=self.generation.max_new_tokens)
-        metrics.update({"reward_mean": float(rewards.mean()), "reward_max": float(rewards.max()),
-                        "exact_mean": float(correct.mean()),
-                        f"pass@{G}": float((correct.view(-1, G).max(-1).values > 0).float().mean()),
-                        "response_length": float(sum(len(c) for c in completions) / len(completions))})
+        metrics = {"reward_mean": float(rewards.mean()), "reward_max": float(rewards.max()),
+                   "exact_mean": float(correct.mean()),
+                   f"pass@{G}": float((correct.view(-1, G).max(-1).values > 0).float().mean()),
+                   "response_length": float(sum(len(c) for c in completions) / len(completions))}
+        return {"ids": ids, "labels": labels, "ref_logps": ref_logps, "metrics": metrics,
+                "advantages": group_advantages(rewards, G, scale=self.variant == "grpo").to(device)}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        key, update = int(batch["first_sample"]), int(batch.get("update", 0))
+        if update == 0:
+            rollout = self.rollout(model, batch)
+        elif key in self._rollouts:
+            rollout = self._rollouts[key]
+        else:
+            raise RuntimeError(f"grpo.updates_per_batch: update {update} of the rollout at sample {key} has no rollout "
+                               f"in memory (a run resumed inside a rollout's {self.updates_per_batch} updates; "
+                               f"train.save_every and train.max_steps must be multiples of it)")
+        logps, mask = token_logprobs(model(rollout["ids"]).logits, rollout["labels"])
+        if update == 0:  # the sampling policy's log-probs, kept for the rollout's later updates
+            rollout["old_logps"] = logps.detach()
+            if self.updates_per_batch > 1:
+                self._rollouts[key] = rollout
+        if update == self.updates_per_batch - 1:
+            self._rollouts.pop(key, None)
+        loss, metrics = grpo_loss(logps, rollout["old_logps"], rollout["advantages"], mask,
+                                  ref_logps=rollout["ref_logps"], beta=self.beta, epsilon=self.epsilon,
+                                  variant=self.variant, max_new_tokens=self.generation.max_new_tokens)
+        if update == 0:
+            metrics.update(rollout["metrics"])
         return loss, metrics
 
     def weight(self, batch: dict[str, Any]) -> float:

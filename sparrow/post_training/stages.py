@@ -8,13 +8,15 @@ checkpoint) plus one section of its own::
           loss_type: sigmoid, rpo_alpha: 0.0, reference: null, val_fraction: 0.05}
     rm:  {data: pairs.jsonl, template: null, max_length: 256, val_fraction: 0.05}
     grpo: {data: builtin, tasks: [arithmetic], rewards: [exact], group_size: 8, max_new_tokens: 8,
-           temperature: 1.0, top_k: 0, epsilon: 0.2, beta: 0.0, variant: grpo, reference: null,
-           template: null}
+           temperature: 1.0, top_k: 0, epsilon: 0.2, beta: 0.0, variant: grpo, updates_per_batch: 1,
+           reference: null, template: null}
 
 ``grpo.data`` is ``builtin`` (the built-in corpus's fine-tuning questions of ``grpo.tasks``, never a held-out
 one) or a jsonl of ``{prompt, reference}``; ``grpo.rewards`` names rewards of :mod:`.rewards` (or
 ``module:function``), summed, each optionally weighted (``[{name: arithmetic, weight: 1.0}, format]``);
-``grpo.beta`` is the weight of the KL to the reference (0: no reference model is loaded). See :mod:`.grpo`.
+``grpo.beta`` is the weight of the KL to the reference (0: no reference model is loaded);
+``grpo.updates_per_batch`` is the optimizer steps on each generated batch (PPO epochs; ``train.save_every`` and
+``train.max_steps`` must be multiples of it). See :mod:`.grpo`.
 
 The tokenizer is the starting model's (:func:`sparrow.model_folder.load_tokenizer`: the C++ encoder, or HF
 tokenizers for a layout it does not implement) unless ``<stage>.tokenizer`` names another. ``template: null`` (the
@@ -34,7 +36,7 @@ from typing import Any, Sequence
 from ..model import SparrowForCausalLM
 from ..model_folder import find_tokenizer, load_tokenizer
 from ..tokenizer.chat import TEMPLATES, template_for
-from ..train import Trainer
+from ..train import Trainer, distributed
 from ..train.config import Config, load_config, parse_override, read_config_file
 from ..train.trainer import CausalLMObjective
 from .chat_data import SFTDataset, encode_chat, read_records, to_messages
@@ -70,6 +72,7 @@ class StageOptions:
     top_k: int = 0                     # grpo: sampling (0: off)
     epsilon: float = 0.2               # grpo: the ratio clip
     variant: str = "grpo"              # grpo: grpo (std-normalised, per-sequence mean) or dr_grpo
+    updates_per_batch: int = 1         # grpo: optimizer steps on each generated batch (PPO epochs)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -205,6 +208,13 @@ def grpo_prompts(config: Config, options: StageOptions) -> list[dict[str, str]]:
 
 
 def build_grpo(config: Config, options: StageOptions, *, records: list[dict] | None = None, log=print) -> Trainer:
+    k = options.updates_per_batch
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"grpo.updates_per_batch: must be an integer >= 1, got {k!r}")
+    for name, value in (("train.save_every", config.train.save_every), ("train.max_steps", config.train.max_steps)):
+        if value % k:
+            raise ValueError(f"{name}: {value} is not a multiple of grpo.updates_per_batch ({k}); a checkpoint "
+                             f"inside a rollout's updates could not be resumed exactly")
     tok, tok_path = starting_tokenizer(config, options, "grpo")
     records = records if records is not None else grpo_prompts(config, options)
     reward = WeightedRewards(options.rewards)
@@ -215,12 +225,15 @@ def build_grpo(config: Config, options: StageOptions, *, records: list[dict] | N
     objective = GRPOObjective(tok, reward, reference=reference, group_size=options.group_size,
                               max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                               top_k=options.top_k, epsilon=options.epsilon, beta=options.beta, variant=options.variant,
-                              seed=config.train.seed)
-    data = PromptSource(records, tok, template=options.template, seed=config.data.seed)
-    return Trainer(config, data, objective, log=log,
+                              seed=config.train.seed, updates_per_batch=k)
+    info = distributed.init(config.train.device)
+    data = PromptSource(records, tok, template=options.template, seed=config.data.seed, updates_per_batch=k,
+                        global_batch=config.data.micro_batch_size * config.data.grad_accum * info.world_size)
+    return Trainer(config, data, objective, info=info, log=log,
                    header={"grpo": f"{len(records)} prompts x {options.group_size} samples, reward {reward.describe()}, "
                                    f"{options.variant}, beta {options.beta}, epsilon {options.epsilon}, "
-                                   f"temperature {options.temperature}, {options.max_new_tokens} new tokens"},
+                                   f"temperature {options.temperature}, {options.max_new_tokens} new tokens"
+                                   + (f", {k} updates per generated batch" if k > 1 else "")},
                    extra_files=_tokenizer_files(Path(config.train.out_dir), tok_path, options.template))
 
 

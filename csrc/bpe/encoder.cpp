@@ -307,6 +307,7 @@ struct Encoder::Tables {
   }
   inline int64_t find_token(const unsigned char* p, size_t n) const { return find_token(p, n, hash_bytes(p, n)); }
   inline void prefetch_token(uint64_t h) const { __builtin_prefetch(&toks[h & tok_mask]); }
+  inline void prefetch_filter(uint64_t h) const { __builtin_prefetch(&tok_filter[(filter_bit(h) & filter_mask) >> 6]); }
   inline int64_t find_token(const unsigned char* p, size_t n, uint64_t h) const {
     size_t i = h & tok_mask;
     while (true) {
@@ -1073,6 +1074,7 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
   if (n == 0) return;
   PieceCache& cache = thread_cache();
   const uint64_t hot_tag = static_cast<uint64_t>(uid_) << 32;
+  const bool lookup = whole_piece_lookup_ || !self_encoding_.empty();
   auto cacheable = [](size_t len) { return len >= 2 && len <= PieceCache::kMaxBytes; };
   auto set_of = [&](uint64_t h) { return &cache.entries[(h >> 20) & (PieceCache::kEntries - 2)]; };
   // Batches of pieces: the pre-tokenizer splits off up to kBatch pieces, hashing each and prefetching
@@ -1118,6 +1120,12 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
         const PieceCache::Entry* set = set_of(h);
         __builtin_prefetch(set);
         __builtin_prefetch(set + 1);
+        // Not in the hot table: on cold text the piece is likely new, and its token-filter word and
+        // token-table slot are DRAM misses; fetch both now (no load here depends on them).
+        if (lookup) {
+          t_->prefetch_filter(h);
+          t_->prefetch_token(h);
+        }
         hashes[k] = h;
       }
       i = e;

@@ -860,19 +860,19 @@ struct PieceCache {
   uint32_t pair_owner;
   PairEntry pairs[kPairs];
 
-  // The hot table: the most recent one-id pieces of up to 16 bytes, direct-mapped, 512 KiB (mostly
-  // L2-resident; 256 KiB and 1 MiB were both slower). The key is the piece's bytes zero-padded to two words plus its length
-  // and the encoder's uid, so a match is exact with no hash or byte compare beyond two words. Most
-  // pieces of prose and code (" the", "    ", "self") are found here before the 4 MiB piece cache
-  // (L3) is touched at all.
+  // The hot table: the most recent pieces of up to 16 bytes and one or two ids, direct-mapped, 512 KiB
+  // (mostly L2-resident; 256 KiB and 1 MiB were both slower). The key is the piece's bytes zero-padded
+  // to two words plus its length and the encoder's uid, so a match is exact with no hash or byte
+  // compare beyond two words. Most pieces of prose and code (" the", "    ", "self") are found here
+  // before the 4 MiB piece cache (L3) is touched at all.
   static constexpr int kHotBits = 14;
   static constexpr size_t kHot = size_t{1} << kHotBits;
   struct alignas(32) HotEntry {
     uint64_t w0, w1;
-    uint64_t tag;  // uid << 32 | length; 0 when empty (uids start at 1)
-    uint32_t id;
-    uint32_t pad;
+    uint64_t tag;  // uid << 32 | number of ids << 8 | length; 0 when empty (uids start at 1)
+    uint32_t ids[2];
   };
+  static constexpr uint64_t kHotCountMask = uint64_t{0xFF} << 8;
   static_assert(sizeof(HotEntry) == 32, "two entries per cache line");
   HotEntry hot[kHot];
 };
@@ -1088,7 +1088,8 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
   // Per piece of the batch: the hot-table id when the piece was found there (hot_hit), else its slot
   // in the hot table (kNoHot when longer than 16 bytes), to fill once its ids are known.
   constexpr uint32_t kNoHot = ~0u;
-  uint32_t hot_ids[kBatch];
+  uint32_t hot_ids[kBatch][2];
+  bool hot_two[kBatch];
   uint32_t hot_slots[kBatch];
   bool hot_hit[kBatch];
   HotKey hot_keys[kBatch];
@@ -1105,9 +1106,11 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
         const HotKey key = hot_key(s, n, i, len);
         const size_t slot = hot_slot(key, len);
         const PieceCache::HotEntry& he = cache.hot[slot];
-        if (he.w0 == key.w0 && he.w1 == key.w1 && he.tag == (hot_tag | len)) {
+        if (he.w0 == key.w0 && he.w1 == key.w1 && (he.tag & ~PieceCache::kHotCountMask) == (hot_tag | len)) {
           hot_hit[k] = true;
-          hot_ids[k] = he.id;
+          hot_ids[k][0] = he.ids[0];
+          hot_ids[k][1] = he.ids[1];
+          hot_two[k] = (he.tag & PieceCache::kHotCountMask) == (uint64_t{2} << 8);
           i = e;
           bounds[++k] = e;
           continue;
@@ -1131,18 +1134,20 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
       i = e;
       bounds[++k] = e;
     }
-    // Remembers a one-id piece of up to 16 bytes in the hot table.
-    auto remember = [&](size_t q, size_t len, uint32_t id) {
-      if (hot_slots[q] == kNoHot) return;
+    // Remembers a piece of up to 16 bytes with one or two ids in the hot table.
+    auto remember = [&](size_t q, size_t len, const uint32_t* ids, size_t nids) {
+      if (hot_slots[q] == kNoHot || nids == 0 || nids > 2) return;
       PieceCache::HotEntry& he = cache.hot[hot_slots[q]];
       he.w0 = hot_keys[q].w0;
       he.w1 = hot_keys[q].w1;
-      he.tag = hot_tag | len;
-      he.id = id;
+      he.tag = hot_tag | (static_cast<uint64_t>(nids) << 8) | len;
+      he.ids[0] = ids[0];
+      he.ids[1] = nids == 2 ? ids[1] : 0;
     };
     for (size_t q = 0; q < k; ++q) {
       if (hot_hit[q]) {
-        out.push_back(hot_ids[q]);
+        out.push_back(hot_ids[q][0]);
+        if (hot_two[q]) out.push_back(hot_ids[q][1]);
         continue;
       }
       const unsigned char* p = s + bounds[q];
@@ -1168,10 +1173,10 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
       if (hit) {
         if (hit->nids == 1) {
           out.push_back(hit->ids[0]);
-          remember(q, len, hit->ids[0]);
         } else {
           out.insert(out.end(), hit->ids, hit->ids + hit->nids);
         }
+        remember(q, len, hit->ids, hit->nids);
         continue;
       }
       PieceCache::Entry& entry = set[0];
@@ -1179,7 +1184,7 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
       const size_t before = out.size();
       bpe_hashed(p, len, ph, out);
       const size_t produced = out.size() - before;
-      if (produced == 1) remember(q, len, out[before]);
+      remember(q, len, out.data() + before, produced);
       if (produced <= PieceCache::kMaxIds) {
         entry.hash = ph;
         entry.owner = uid_;

@@ -89,6 +89,54 @@ void test_bpe_merges() {
   CHECK_THROWS(enc->decode(&bad, 1, out), std::out_of_range);
 }
 
+// The per-thread caches (the hot table of pieces up to 16 bytes, the piece cache up to 24) must give
+// every encoder its own ids: two encoders whose merges give the same short pieces different ids,
+// alternating on one thread over text with tens of thousands of distinct pieces (so slots are
+// overwritten) and pieces at the very end of a text (the hot key's copying path), must each match
+// the uncached BPE of every piece.
+void test_piece_caches() {
+  bpe_test::TinyVocab va({{"a", "b"}, {"ab", "c"}, {" ", "a"}, {"c", "a"}, {"ca", "b"}, {"b", "b"}});
+  bpe_test::TinyVocab vb({{"b", "c"}, {"c", "a"}, {" ", "b"}, {"a", "bc"}, {"b", "b"}, {"a", "b"}});
+  auto ea = Encoder::from_vocab_and_merges(va.vocab, va.merges, Pattern::kGpt2, false, {});
+  auto eb = Encoder::from_vocab_and_merges(vb.vocab, vb.merges, Pattern::kCl100k, true, {});
+  uint32_t state = 12345;
+  auto rnd = [&]() {
+    state = state * 1664525u + 1013904223u;
+    return state >> 8;
+  };
+  std::string text;
+  for (int w = 0; w < 60000; ++w) {
+    text += ' ';
+    const int len = 1 + static_cast<int>(rnd() % 23);
+    for (int k = 0; k < len; ++k) text += "abc"[rnd() % 3];
+  }
+  auto reference = [](const Encoder& e, const std::string& t) {
+    std::vector<uint32_t> ids;
+    for_each_piece(e.pattern(), reinterpret_cast<const unsigned char*>(t.data()), t.size(),
+                   [&](size_t b, size_t end) { e.encode_piece(std::string_view(t).substr(b, end - b), ids); });
+    return ids;
+  };
+  const std::vector<uint32_t> ref_a = reference(*ea, text), ref_b = reference(*eb, text);
+  CHECK(ref_a != ref_b);
+  for (int round = 0; round < 3; ++round) {
+    for (const Encoder* e : {ea.get(), eb.get()}) {
+      std::vector<uint32_t> ids;
+      e->encode_ordinary(text, ids);
+      CHECK(ids == (e == ea.get() ? ref_a : ref_b));
+    }
+  }
+  // Short texts: every piece is near the end of its buffer.
+  for (int k = 0; k < 2000; ++k) {
+    const size_t at = rnd() % (text.size() - 40);
+    const std::string t = text.substr(at, 1 + rnd() % 40);
+    for (const Encoder* e : {ea.get(), eb.get()}) {
+      std::vector<uint32_t> ids;
+      e->encode_ordinary(t, ids);
+      CHECK(ids == reference(*e, t));
+    }
+  }
+}
+
 void test_specials() {
   bpe_test::TinyVocab v(std::vector<std::pair<std::string, std::string>>{{"a", "b"}});
   const uint32_t n = static_cast<uint32_t>(v.vocab.size());
@@ -134,6 +182,7 @@ void test_loaders() {
 int main() {
   test_pretokenize();
   test_bpe_merges();
+  test_piece_caches();
   test_specials();
   test_loaders();
   return bpe_test::finish("test_bpe_core");

@@ -159,6 +159,30 @@ class Table {
 
 constexpr uint32_t kNoRank = 0xFFFFFFFFu;
 
+// One bit per hash bucket, set for every key of a table: a clear bit proves a key absent without the
+// table's cache miss. The bit comes from the hash's high bits (from kShift up), not the low bits that
+// pick the table's slot, so the two are independent.
+template <int kShift>
+struct BucketFilter {
+  Table<uint64_t> words;
+  size_t mask = 0;  // in bits
+  void reset(size_t keys, size_t bits_per_key) {
+    const size_t bits = std::max<size_t>(next_pow2(keys * bits_per_key), 4096);
+    words.assign(bits / 64, 0);
+    mask = bits - 1;
+  }
+  size_t bit(uint64_t h) const { return static_cast<size_t>(h >> kShift) & mask; }
+  void add(uint64_t h) {
+    const size_t b = bit(h);
+    words[b >> 6] |= uint64_t{1} << (b & 63);
+  }
+  bool may_contain(uint64_t h) const {
+    const size_t b = bit(h);
+    return (words[b >> 6] >> (b & 63)) & 1;
+  }
+  void prefetch(uint64_t h) const { __builtin_prefetch(&words[bit(h) >> 6]); }
+};
+
 }  // namespace
 
 // Open-addressing tables: (left_id, right_id) -> (rank, merged_id), and token bytes -> id.
@@ -216,28 +240,16 @@ struct Encoder::Tables {
     if (pairs[i].key == kEmpty) ++pair_count;
     pairs[i] = PairSlot{key, rank, merged};  // a repeated pair keeps the last entry, as HF's map does
   }
-  // One bit per hash bucket of the pairs that merge, like tok_filter: most lookups that miss the
-  // per-thread pair cache ask about pairs that do not merge (the boundaries of the final tokens), and a
-  // clear bit answers them without the pair table's cache miss. 4 bits per pair (128 KiB for cl100k).
-  Table<uint64_t> pair_filter;
-  size_t pair_filter_mask = 0;  // in bits
-  static size_t pair_bit(uint64_t mixed) { return static_cast<size_t>(mixed >> 40); }
+  // The pairs that merge, like tok_filter: most lookups that miss the per-thread pair cache ask about
+  // pairs that do not merge (the boundaries of the final tokens), and a clear bit answers them without
+  // the pair table's cache miss. 4 bits per pair (128 KiB for cl100k).
+  BucketFilter<40> pair_filter;
   void build_pair_filter() {
-    const size_t bits = std::max<size_t>(next_pow2(pair_count * 4), 4096);
-    pair_filter.assign(bits / 64, 0);
-    pair_filter_mask = bits - 1;
-    for (const auto& slot : pairs) {
-      if (slot.key == kEmpty) continue;
-      const size_t b = pair_bit(mix(slot.key)) & pair_filter_mask;
-      pair_filter[b >> 6] |= uint64_t{1} << (b & 63);
-    }
+    pair_filter.reset(pair_count, 4);
+    for (const auto& slot : pairs)
+      if (slot.key != kEmpty) pair_filter.add(mix(slot.key));
   }
-  // find_pair, or nullptr at once when the filter rules the pair out (only after build_pair_filter).
-  inline const PairSlot* find_pair_filtered(uint32_t l, uint32_t r) const {
-    const uint64_t key = (static_cast<uint64_t>(l) << 32) | r;
-    const uint64_t h = mix(key);
-    const size_t b = pair_bit(h) & pair_filter_mask;
-    if (!((pair_filter[b >> 6] >> (b & 63)) & 1)) return nullptr;
+  inline const PairSlot* probe_pair(uint64_t key, uint64_t h) const {
     size_t i = h & pair_mask;
     while (true) {
       const PairSlot& s = pairs[i];
@@ -246,15 +258,15 @@ struct Encoder::Tables {
       i = (i + 1) & pair_mask;
     }
   }
+  // find_pair, or nullptr at once when the filter rules the pair out (only after build_pair_filter).
+  inline const PairSlot* find_pair_filtered(uint32_t l, uint32_t r) const {
+    const uint64_t key = (static_cast<uint64_t>(l) << 32) | r;
+    const uint64_t h = mix(key);
+    return pair_filter.may_contain(h) ? probe_pair(key, h) : nullptr;
+  }
   inline const PairSlot* find_pair(uint32_t l, uint32_t r) const {
     const uint64_t key = (static_cast<uint64_t>(l) << 32) | r;
-    size_t i = mix(key) & pair_mask;
-    while (true) {
-      const PairSlot& s = pairs[i];
-      if (s.key == key) return &s;
-      if (s.key == kEmpty) return nullptr;
-      i = (i + 1) & pair_mask;
-    }
+    return probe_pair(key, mix(key));
   }
 
   void build_tokens(const std::vector<std::string>& bytes, const std::vector<uint8_t>& kind) {
@@ -282,32 +294,22 @@ struct Encoder::Tables {
       }
     }
   }
-  // One bit per hash bucket, set for every token that a whole-piece lookup may answer with (see
-  // Encoder::finish): a clear bit proves the piece is no such token, without the token table's cache
-  // miss (pieces that need BPE, most of all the long CJK runs no cache holds, are mostly not tokens).
-  // 8+ bits per token (128 KiB for cl100k) keep it in L2 and false positives near 1 in 10.
-  Table<uint64_t> tok_filter;
-  size_t filter_mask = 0;  // in bits
-  static size_t filter_bit(uint64_t h) { return static_cast<size_t>(h >> 36); }
+  // The tokens that a whole-piece lookup may answer with (see Encoder::finish): a clear bit proves the
+  // piece is no such token, without the token table's cache miss (pieces that need BPE, most of all the
+  // long CJK runs no cache holds, are mostly not tokens). 8+ bits per token (128 KiB for cl100k) keep it
+  // in L2 and false positives near 1 in 10.
+  BucketFilter<36> tok_filter;
   void build_filter(bool all, const std::vector<uint8_t>& self) {
     size_t n = 0;
     for (const auto& slot : toks) n += slot.id != kNoRank;
-    const size_t bits = std::max<size_t>(next_pow2(n * 8), 4096);
-    tok_filter.assign(bits / 64, 0);
-    filter_mask = bits - 1;
-    for (const auto& slot : toks) {
-      if (slot.id == kNoRank || !(all || (slot.id < self.size() && self[slot.id]))) continue;
-      const size_t b = filter_bit(slot.hash) & filter_mask;
-      tok_filter[b >> 6] |= uint64_t{1} << (b & 63);
-    }
+    tok_filter.reset(n, 8);
+    for (const auto& slot : toks)
+      if (slot.id != kNoRank && (all || (slot.id < self.size() && self[slot.id]))) tok_filter.add(slot.hash);
   }
-  inline bool may_be_token(uint64_t h) const {
-    const size_t b = filter_bit(h) & filter_mask;
-    return (tok_filter[b >> 6] >> (b & 63)) & 1;
-  }
+  inline bool may_be_token(uint64_t h) const { return tok_filter.may_contain(h); }
   inline int64_t find_token(const unsigned char* p, size_t n) const { return find_token(p, n, hash_bytes(p, n)); }
   inline void prefetch_token(uint64_t h) const { __builtin_prefetch(&toks[h & tok_mask]); }
-  inline void prefetch_filter(uint64_t h) const { __builtin_prefetch(&tok_filter[(filter_bit(h) & filter_mask) >> 6]); }
+  inline void prefetch_filter(uint64_t h) const { tok_filter.prefetch(h); }
   inline int64_t find_token(const unsigned char* p, size_t n, uint64_t h) const {
     size_t i = h & tok_mask;
     while (true) {

@@ -158,12 +158,15 @@ class Table {
 };
 
 constexpr uint32_t kNoRank = 0xFFFFFFFFu;
-// Encoder::char_token_ entries: the token id, and whether the character may start as its token whatever
-// its left / right neighbour is (else only next to a continuation byte on the left and a lead byte on the
-// right, or the piece's edge).
-constexpr uint32_t kCharId = (1u << 28) - 1;
-constexpr uint32_t kCharLeftAny = 1u << 28;
-constexpr uint32_t kCharRightAny = 1u << 29;
+// Encoder::char_token_ entries: the token id (kNoRank: none) in the low word; whether the character may
+// start as its token whatever its left / right neighbour is; and, for a right neighbour that starts with a
+// lead byte, by which one (lead_group: E0-EF one each, C0-DF, F0-FF). Without kCharLeftAny the left
+// neighbour must end in a continuation byte (or be absent).
+constexpr uint64_t kCharLeftAny = uint64_t{1} << 32;
+constexpr uint64_t kCharRightAny = uint64_t{1} << 33;
+constexpr int kCharLeadShift = 34;
+constexpr int kLeadGroups = 18;
+inline int lead_group(unsigned char b) { return b < 0xE0 ? 16 : b < 0xF0 ? b - 0xE0 : 17; }
 
 // One bit per hash bucket, set for every key of a table: a clear bit proves a key absent without the
 // table's cache miss. The bit comes from the hash's high bits (from kShift up), not the low bits that
@@ -447,8 +450,9 @@ void Encoder::build_char_tokens() {
   const Tables& t = *t_;
   const size_t nid = id_bytes_.size();
   // The lowest rank of a merge with the id on its right (left neighbour: any / ending in a continuation
-  // byte) and on its left (right neighbour: any / starting with a lead byte).
-  std::vector<uint32_t> right_any(nid, kNoRank), right_cont(nid, kNoRank), left_any(nid, kNoRank), left_lead(nid, kNoRank);
+  // byte) and on its left (right neighbour: any / starting with a lead byte, by lead_group).
+  std::vector<uint32_t> right_any(nid, kNoRank), right_cont(nid, kNoRank), left_any(nid, kNoRank);
+  std::vector<uint32_t> left_lead(nid * kLeadGroups, kNoRank);
   for (const auto& slot : t.pairs) {
     if (slot.key == Tables::kEmpty) continue;
     const uint32_t l = static_cast<uint32_t>(slot.key >> 32), r = static_cast<uint32_t>(slot.key);
@@ -458,9 +462,12 @@ void Encoder::build_char_tokens() {
     right_any[r] = std::min(right_any[r], slot.rank);
     left_any[l] = std::min(left_any[l], slot.rank);
     if (!lb.empty() && (static_cast<unsigned char>(lb.back()) & 0xC0) == 0x80) right_cont[r] = std::min(right_cont[r], slot.rank);
-    if (!rb.empty() && static_cast<unsigned char>(rb[0]) >= 0xC0) left_lead[l] = std::min(left_lead[l], slot.rank);
+    if (!rb.empty() && static_cast<unsigned char>(rb[0]) >= 0xC0) {
+      uint32_t& v = left_lead[l * kLeadGroups + lead_group(static_cast<unsigned char>(rb[0]))];
+      v = std::min(v, slot.rank);
+    }
   }
-  std::vector<uint32_t> table(0x10000, kNoRank);
+  std::vector<uint64_t> table(0x10000, kNoRank);
   bool any = false;
   for (uint32_t cp = 0x80; cp < 0x10000; ++cp) {
     if (cp >= 0xD800 && cp < 0xE000) continue;  // surrogates are not characters
@@ -482,7 +489,9 @@ void Encoder::build_char_tokens() {
     // and, over every step, the lowest rank of a merge across each edge.
     uint32_t max_inside = 0;
     uint32_t l_any = right_any[sym[0]], l_cont = right_cont[sym[0]];
-    uint32_t r_any = left_any[sym[m - 1]], r_lead = left_lead[sym[m - 1]];
+    uint32_t r_any = left_any[sym[m - 1]];
+    uint32_t r_lead[kLeadGroups];
+    for (int g = 0; g < kLeadGroups; ++g) r_lead[g] = left_lead[sym[m - 1] * kLeadGroups + g];
     while (m > 1) {
       uint32_t best = kNoRank, merged = 0;
       size_t bi = 0;
@@ -502,10 +511,13 @@ void Encoder::build_char_tokens() {
       l_any = std::min(l_any, right_any[sym[0]]);
       l_cont = std::min(l_cont, right_cont[sym[0]]);
       r_any = std::min(r_any, left_any[sym[m - 1]]);
-      r_lead = std::min(r_lead, left_lead[sym[m - 1]]);
+      for (int g = 0; g < kLeadGroups; ++g) r_lead[g] = std::min(r_lead[g], left_lead[sym[m - 1] * kLeadGroups + g]);
     }
-    if (m != 1 || sym[0] > kCharId || max_inside >= l_cont || max_inside >= r_lead) continue;  // (any <= cont, lead)
-    table[cp] = sym[0] | (max_inside < l_any ? kCharLeftAny : 0) | (max_inside < r_any ? kCharRightAny : 0);
+    if (m != 1 || sym[0] == kNoRank || max_inside >= l_cont) continue;  // (any <= cont)
+    uint64_t e = sym[0] | (max_inside < l_any ? kCharLeftAny : 0) | (max_inside < r_any ? kCharRightAny : 0);
+    for (int g = 0; g < kLeadGroups; ++g)
+      if (max_inside < r_lead[g]) e |= uint64_t{1} << (kCharLeadShift + g);
+    table[cp] = e;
     any = true;
   }
   if (any) char_token_ = std::move(table);
@@ -1032,7 +1044,7 @@ void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::v
   // raw[k]: the byte of a one-byte symbol, kCharSym for a character's token (see build_char_tokens).
   constexpr uint16_t kCharSym = 0x100;
   uint16_t raw[kSmall];
-  const uint32_t* chars = char_token_.empty() ? nullptr : char_token_.data();
+  const uint64_t* chars = char_token_.empty() ? nullptr : char_token_.data();
   for (size_t i = 0; i < n;) {
     const unsigned char b = s[i];
     if (b >= 0xC2 && b < 0xF0 && chars) {
@@ -1048,12 +1060,13 @@ void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::v
         len = 3;
         if (cp < 0x800) cp = kNoRank;  // overlong
       }
-      if (cp != kNoRank && chars[cp] != kNoRank) {
-        const uint32_t e = chars[cp];
+      if (cp != kNoRank && static_cast<uint32_t>(chars[cp]) != kNoRank) {
+        const uint64_t e = chars[cp];
         const size_t j = i + len;
-        if ((i == 0 || (e & kCharLeftAny) || (s[i - 1] & 0xC0) == 0x80) && (j == n || (e & kCharRightAny) || s[j] >= 0xC0)) {
+        if ((i == 0 || (e & kCharLeftAny) || (s[i - 1] & 0xC0) == 0x80) &&
+            (j == n || (e & kCharRightAny) || (s[j] >= 0xC0 && ((e >> (kCharLeadShift + lead_group(s[j]))) & 1)))) {
           raw[m] = kCharSym;
-          sym[m++] = e & kCharId;
+          sym[m++] = static_cast<uint32_t>(e);
           i = j;
           continue;
         }

@@ -123,9 +123,9 @@ class Encoder {
   uint32_t byte_id_[256];
   bool byte_present_[256];
   // char_token_[cp] (cp < 0x10000): the token that a 2- or 3-byte UTF-8 character becomes before any pair
-  // across its edges can merge, so BPE may start from it instead of its bytes (see build_char_tokens);
-  // ~0u for the others. Empty when no character qualifies.
-  std::vector<uint32_t> char_token_;
+  // across its edges can merge, so BPE may start from it instead of its bytes, and next to which
+  // neighbours (see build_char_tokens); ~0u in the low word for the others. Empty when none qualifies.
+  std::vector<uint64_t> char_token_;
   size_t num_merges_ = 0;
   std::vector<SpecialToken> specials_;
   std::unique_ptr<Tables> t_;

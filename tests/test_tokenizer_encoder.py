@@ -140,6 +140,16 @@ def test_pretokenizer_matches_regex(name, text):
     assert_pretokenizer_matches_regex(name, text)
 
 
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="aAbZ'sStTlLvVeEdDmM \t\n\r/.,-1é\u0301ʰǅΣſ中", max_size=40))
+def test_pretokenizer_ascii_fast_paths_match_regex(name, text):
+    """The ASCII fast paths (o200k's case-aware words above all) where ASCII meets the characters that end
+    them: capitals and lowercase letters, contractions, prefixes, and non-ASCII letters, marks, modifier
+    letters, title case and long s right after them."""
+    assert_pretokenizer_matches_regex(name, text)
+
+
 def assert_pretokenizer_matches_regex(name, text):
     """The C++ pre-tokenizer of family ``name`` splits ``text`` as Python's `regex` module runs the same pattern
     (possessive quantifiers included). `regex` has its own Unicode database, which can be newer than the

@@ -158,6 +158,15 @@ class Table {
 };
 
 constexpr uint32_t kNoRank = 0xFFFFFFFFu;
+// Encoder::char_token_ entries: the token id (kNoRank: none) in the low word; whether the character may
+// start as its token whatever its left / right neighbour is; and, for a right neighbour that starts with a
+// lead byte, by which one (lead_group: E0-EF one each, C0-DF, F0-FF). Without kCharLeftAny the left
+// neighbour must end in a continuation byte (or be absent).
+constexpr uint64_t kCharLeftAny = uint64_t{1} << 32;
+constexpr uint64_t kCharRightAny = uint64_t{1} << 33;
+constexpr int kCharLeadShift = 34;
+constexpr int kLeadGroups = 18;
+inline int lead_group(unsigned char b) { return b < 0xE0 ? 16 : b < 0xF0 ? b - 0xE0 : 17; }
 
 // One bit per hash bucket, set for every key of a table: a clear bit proves a key absent without the
 // table's cache miss. The bit comes from the hash's high bits (from kShift up), not the low bits that
@@ -402,6 +411,7 @@ void Encoder::finish(const std::vector<SpecialToken>& specials) {
         byte_pairs_[(a << 8) | b] = (static_cast<uint64_t>(p->rank) << 32) | p->merged;
     }
   }
+  build_char_tokens();
   if (!whole_piece_lookup_) {
     // Which tokens BPE turns back into themselves: for those, a piece with the token's bytes can be
     // answered by one lookup in the token table, with the very ids the merges would give (a token that
@@ -417,6 +427,100 @@ void Encoder::finish(const std::vector<SpecialToken>& specials) {
     self_encoding_ = std::move(self);
   }
   t_->build_filter(whole_piece_lookup_, self_encoding_);
+}
+
+// BPE of text in a script of multi-byte characters spends most of its merges putting each character's
+// bytes back together (o200k: most CJK characters are one token). A character c may start BPE as its
+// token T instead of its bytes when, run alone, c's bytes merge into T and every merge that could join a
+// symbol at c's edge with its neighbour (a symbol holding c's first byte with the one on its left, one
+// holding its last byte with the one on its right, T included) has a higher rank than every merge inside
+// c. Then, in any text, while c is incomplete some merge inside it outranks every merge across its edges,
+// so nothing crosses them before T exists, the merges elsewhere are chosen as they would be with T
+// already there (each ranks at most that pending inner merge, below every merge with T), and T forms:
+// BPE from T gives the same ids. Ties count as unsafe. The neighbours matter only through the byte next
+// to c, so each edge is checked twice: against every neighbour, and against the usual one inside a run
+// of multi-byte characters (a left neighbour ending in a continuation byte, a right one starting with a
+// lead byte); the encoder then uses T only where the text's byte there allows it (or c is at the edge of
+// the piece). Only 2- and 3-byte characters (U+0080-U+FFFF), from a table by code point (256 KiB), and
+// only when all 256 bytes are tokens (no byte is dropped next to c).
+void Encoder::build_char_tokens() {
+  char_token_.clear();
+  for (bool present : byte_present_)
+    if (!present) return;
+  const Tables& t = *t_;
+  const size_t nid = id_bytes_.size();
+  // The lowest rank of a merge with the id on its right (left neighbour: any / ending in a continuation
+  // byte) and on its left (right neighbour: any / starting with a lead byte, by lead_group).
+  std::vector<uint32_t> right_any(nid, kNoRank), right_cont(nid, kNoRank), left_any(nid, kNoRank);
+  std::vector<uint32_t> left_lead(nid * kLeadGroups, kNoRank);
+  for (const auto& slot : t.pairs) {
+    if (slot.key == Tables::kEmpty) continue;
+    const uint32_t l = static_cast<uint32_t>(slot.key >> 32), r = static_cast<uint32_t>(slot.key);
+    if (l >= nid || r >= nid) continue;
+    const std::string& lb = id_bytes_[l];
+    const std::string& rb = id_bytes_[r];
+    right_any[r] = std::min(right_any[r], slot.rank);
+    left_any[l] = std::min(left_any[l], slot.rank);
+    if (!lb.empty() && (static_cast<unsigned char>(lb.back()) & 0xC0) == 0x80) right_cont[r] = std::min(right_cont[r], slot.rank);
+    if (!rb.empty() && static_cast<unsigned char>(rb[0]) >= 0xC0) {
+      uint32_t& v = left_lead[l * kLeadGroups + lead_group(static_cast<unsigned char>(rb[0]))];
+      v = std::min(v, slot.rank);
+    }
+  }
+  std::vector<uint64_t> table(0x10000, kNoRank);
+  bool any = false;
+  for (uint32_t cp = 0x80; cp < 0x10000; ++cp) {
+    if (cp >= 0xD800 && cp < 0xE000) continue;  // surrogates are not characters
+    unsigned char b[3];
+    size_t m;
+    if (cp < 0x800) {
+      b[0] = static_cast<unsigned char>(0xC0 | (cp >> 6));
+      b[1] = static_cast<unsigned char>(0x80 | (cp & 0x3F));
+      m = 2;
+    } else {
+      b[0] = static_cast<unsigned char>(0xE0 | (cp >> 12));
+      b[1] = static_cast<unsigned char>(0x80 | ((cp >> 6) & 0x3F));
+      b[2] = static_cast<unsigned char>(0x80 | (cp & 0x3F));
+      m = 3;
+    }
+    uint32_t sym[3];
+    for (size_t k = 0; k < m; ++k) sym[k] = byte_id_[b[k]];
+    // BPE of c alone (lowest rank, leftmost first, as bpe_hashed), with the highest rank merged inside c
+    // and, over every step, the lowest rank of a merge across each edge.
+    uint32_t max_inside = 0;
+    uint32_t l_any = right_any[sym[0]], l_cont = right_cont[sym[0]];
+    uint32_t r_any = left_any[sym[m - 1]];
+    uint32_t r_lead[kLeadGroups];
+    for (int g = 0; g < kLeadGroups; ++g) r_lead[g] = left_lead[sym[m - 1] * kLeadGroups + g];
+    while (m > 1) {
+      uint32_t best = kNoRank, merged = 0;
+      size_t bi = 0;
+      for (size_t k = 0; k + 1 < m; ++k) {
+        const Tables::PairSlot* p = t.find_pair(sym[k], sym[k + 1]);
+        if (p && p->rank < best) {
+          best = p->rank;
+          merged = p->merged;
+          bi = k;
+        }
+      }
+      if (best == kNoRank || merged >= nid) break;
+      max_inside = std::max(max_inside, best);
+      sym[bi] = merged;
+      for (size_t k = bi + 1; k + 1 < m; ++k) sym[k] = sym[k + 1];
+      --m;
+      l_any = std::min(l_any, right_any[sym[0]]);
+      l_cont = std::min(l_cont, right_cont[sym[0]]);
+      r_any = std::min(r_any, left_any[sym[m - 1]]);
+      for (int g = 0; g < kLeadGroups; ++g) r_lead[g] = std::min(r_lead[g], left_lead[sym[m - 1] * kLeadGroups + g]);
+    }
+    if (m != 1 || sym[0] == kNoRank || max_inside >= l_cont) continue;  // (any <= cont)
+    uint64_t e = sym[0] | (max_inside < l_any ? kCharLeftAny : 0) | (max_inside < r_any ? kCharRightAny : 0);
+    for (int g = 0; g < kLeadGroups; ++g)
+      if (max_inside < r_lead[g]) e |= uint64_t{1} << (kCharLeadShift + g);
+    table[cp] = e;
+    any = true;
+  }
+  if (any) char_token_ = std::move(table);
 }
 
 int64_t Encoder::token_id(std::string_view bytes) const {
@@ -937,12 +1041,42 @@ void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::v
   uint32_t rank[kSmall];  // rank[i]: pair (sym[i], sym[i+1])
   uint32_t merged[kSmall];
   size_t m = 0;
-  unsigned char raw[kSmall];
-  for (size_t i = 0; i < n; ++i) {
-    if (byte_present_[s[i]]) {  // HF drops bytes that have no token
-      raw[m] = s[i];
-      sym[m++] = byte_id_[s[i]];
+  // raw[k]: the byte of a one-byte symbol, kCharSym for a character's token (see build_char_tokens).
+  constexpr uint16_t kCharSym = 0x100;
+  uint16_t raw[kSmall];
+  const uint64_t* chars = char_token_.empty() ? nullptr : char_token_.data();
+  for (size_t i = 0; i < n;) {
+    const unsigned char b = s[i];
+    if (b >= 0xC2 && b < 0xF0 && chars) {
+      uint32_t cp = kNoRank;
+      size_t len = 0;
+      if (b < 0xE0) {
+        if (i + 1 < n && (s[i + 1] & 0xC0) == 0x80) {
+          cp = ((b & 0x1Fu) << 6) | (s[i + 1] & 0x3Fu);
+          len = 2;
+        }
+      } else if (i + 2 < n && (s[i + 1] & 0xC0) == 0x80 && (s[i + 2] & 0xC0) == 0x80) {
+        cp = ((b & 0x0Fu) << 12) | ((s[i + 1] & 0x3Fu) << 6) | (s[i + 2] & 0x3Fu);
+        len = 3;
+        if (cp < 0x800) cp = kNoRank;  // overlong
+      }
+      if (cp != kNoRank && static_cast<uint32_t>(chars[cp]) != kNoRank) {
+        const uint64_t e = chars[cp];
+        const size_t j = i + len;
+        if ((i == 0 || (e & kCharLeftAny) || (s[i - 1] & 0xC0) == 0x80) &&
+            (j == n || (e & kCharRightAny) || (s[j] >= 0xC0 && ((e >> (kCharLeadShift + lead_group(s[j]))) & 1)))) {
+          raw[m] = kCharSym;
+          sym[m++] = static_cast<uint32_t>(e);
+          i = j;
+          continue;
+        }
+      }
     }
+    if (byte_present_[b]) {  // HF drops bytes that have no token
+      raw[m] = b;
+      sym[m++] = byte_id_[b];
+    }
+    ++i;
   }
   const Tables& t = *t_;
   if (m == 0) return;
@@ -965,6 +1099,10 @@ void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::v
   };
   // The first round pairs single bytes: a 64k-entry table in cache instead of the big pair table.
   for (size_t i = 0; i + 1 < m; ++i) {
+    if ((raw[i] | raw[i + 1]) & kCharSym) {
+      look(i);
+      continue;
+    }
     const uint64_t bp = byte_pairs_[(static_cast<size_t>(raw[i]) << 8) | raw[i + 1]];
     rank[i] = static_cast<uint32_t>(bp >> 32);
     merged[i] = static_cast<uint32_t>(bp);

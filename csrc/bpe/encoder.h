@@ -93,6 +93,7 @@ class Encoder {
   Encoder();
   struct Tables;
   void finish(const std::vector<SpecialToken>& specials);
+  void build_char_tokens();
   void add_token(uint32_t id, std::string bytes, uint8_t kind);
   void add_merge(uint32_t left, uint32_t right, uint32_t rank, uint32_t merged);
   void encode_span(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const;
@@ -121,6 +122,10 @@ class Encoder {
   std::vector<uint64_t> byte_pairs_;
   uint32_t byte_id_[256];
   bool byte_present_[256];
+  // char_token_[cp] (cp < 0x10000): the token that a 2- or 3-byte UTF-8 character becomes before any pair
+  // across its edges can merge, so BPE may start from it instead of its bytes, and next to which
+  // neighbours (see build_char_tokens); ~0u in the low word for the others. Empty when none qualifies.
+  std::vector<uint64_t> char_token_;
   size_t num_merges_ = 0;
   std::vector<SpecialToken> specials_;
   std::unique_ptr<Tables> t_;

@@ -266,7 +266,50 @@ inline size_t o200k_word(const unsigned char* s, size_t n, size_t st, bool first
   return e;
 }
 
+// o200k's word alternatives at an ASCII letter s[st] when the characters that decide them are ASCII:
+// capitals then lowercase letters (either run may be empty, not both), then a contraction. ASCII
+// capitals are upper-class only and ASCII lowercase letters lower-class only, so no backtracking can
+// apply: the first alternative takes the capitals and a lowercase run when one follows, else the
+// second takes the capitals. kFail when the capitals stop at a byte >= 0x80 (a non-ASCII letter or
+// mark could continue either class; o200k_word decides). The lowercase run itself may continue into
+// non-ASCII lower-class characters (run_any decodes them).
+SPARROW_INLINE size_t o200k_ascii_word(const unsigned char* s, size_t n, size_t st) {
+  size_t u = st;
+  while (u < n && (kByte.f[s[u]] & kUpperish)) ++u;
+  if (u < n && s[u] >= 0x80) return kFail;
+  size_t e = (u < n && (kByte.f[s[u]] & kLowerish)) ? run_any(s, n, u, kLowerish) : u;
+  if (e < n && s[e] == '\'') {
+    if (size_t c = contraction(s, n, e, true)) e = c;
+  }
+  return e;
+}
+
 SPARROW_INLINE size_t o200k_piece(const unsigned char* s, size_t n, size_t i) {
+  // ASCII fast path: a piece that starts with an ASCII character whose word alternatives are decided
+  // by ASCII characters (most of English prose and code) skips the general word matcher's four tries.
+  if (const unsigned char b = s[i]; b < 0x80) {
+    const uint8_t f = kByte.f[b];
+    if (f & kLetter) {
+      if (size_t e = o200k_ascii_word(s, n, i); e != kFail) return e;
+    } else if (!(f & kNumber) && b != '\r' && b != '\n') {
+      // b may prefix a word: [^\r\n\p{L}\p{N}]? before either alternative.
+      if (i + 1 >= n || s[i + 1] < 0x80) {
+        const uint8_t g = i + 1 < n ? kByte.f[s[i + 1]] : 0;
+        if (g & kLetter) {
+          if (size_t e = o200k_ascii_word(s, n, i + 1); e != kFail) return e;
+        } else {
+          // Neither b nor the next character is in a word class: no word alternative matches here.
+          const Ch c{b, 1, f};
+          if (size_t e = other_run<true>(s, n, i, c); e != kFail) return e;
+          SpaceRun r = space_run(s, n, i);
+          if (r.newline_end) return r.newline_end;
+          return space_tail(r, n, i, 1);
+        }
+      }
+    } else if (f & kNumber) {
+      return number_run<3>(s, n, i, Ch{b, 1, f});
+    }
+  }
   Ch c = at(s, n, i);
   const bool prefix = !(c.f & (kLetter | kNumber)) && !is_crlf(c.cp);
   for (bool first : {true, false}) {

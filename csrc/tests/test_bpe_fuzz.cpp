@@ -1,6 +1,7 @@
 // Randomized test of the BPE core, meant to run under ASan/UBSan: random bytes and random UTF-8 through
 // the three pre-tokenizers and the encoder. Invariants: pieces are non-empty and partition the input;
 // decode(encode(x)) == x; the array and heap BPE paths agree.
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <random>
@@ -86,6 +87,42 @@ std::vector<uint32_t> naive_bpe(const bpe_test::TinyVocab& v, const std::string&
   }
 }
 
+// BPE that starts a multi-byte character as its token (Encoder::build_char_tokens) must give the ids
+// of textbook BPE from bytes. Vocabularies over a few 2- and 3-byte characters, a space and a letter,
+// whose merges (inside characters, across their edges at every byte, between whole characters) come in
+// random order, so that some characters qualify everywhere, some only inside runs of multi-byte
+// characters, some nowhere; random pieces of up to 30 characters through the array path.
+void fuzz_char_tokens(std::mt19937& rng) {
+  const std::vector<std::string> units = {"\xC3\xA9", "\xC3\xB6", "\xE4\xB8\xAD", "\xE6\x96\x87", " ", "a"};
+  std::vector<std::pair<std::string, std::string>> candidates = {
+      {"\xC3", "\xA9"}, {"\xC3", "\xB6"}, {"\xE4", "\xB8"}, {"\xE4\xB8", "\xAD"}, {"\xB8", "\xAD"}, {"\xE4", "\xB8\xAD"},
+      {"\xE6", "\x96"}, {"\xE6\x96", "\x87"}, {"\x96", "\x87"}, {"\xE6", "\x96\x87"},
+      {"\xA9", "\xC3"}, {"\xAD", "\xE4"}, {"\x87", "\xE4"}, {"\xAD", "\xE6"}, {"\xB6", "\xE6"}, {" ", "\xC3"}, {" ", "\xE4"},
+      {"\xA9", " "}, {"\xAD", "a"}, {"a", "\xE6"}, {"\xE4\xB8", "\xAD\xE4"},
+      {"\xC3\xA9", "\xC3\xB6"}, {"\xE4\xB8\xAD", "\xE6\x96\x87"}, {"\xE6\x96\x87", "\xE4\xB8\xAD"},
+      {"\xE4\xB8\xAD", " "}, {" ", "\xE4\xB8\xAD"}, {"a", "\xC3\xA9"}, {"\xC3\xB6", "\xE4\xB8\xAD"}, {"\xAD", "\xE4\xB8"},
+      {"a", " "}, {" ", "a"}, {"\xC3\xA9", " "}, {"\xE6\x96\x87", "a"}, {"\xC3\xB6", "\xE6"}};
+  for (int round = 0; round < 600; ++round) {
+    std::shuffle(candidates.begin(), candidates.end(), rng);
+    bpe_test::TinyVocab v({});
+    for (const auto& c : candidates)
+      for (const std::string& t : {c.first, c.second, c.first + c.second})
+        if (v.find(t) == UINT32_MAX) v.vocab.push_back(t);
+    v.merges.clear();
+    for (size_t k = 0; k < candidates.size(); ++k)
+      if (rng() % 4) v.merges.emplace_back(v.find(candidates[k].first), v.find(candidates[k].second));
+    auto enc = Encoder::from_vocab_and_merges(v.vocab, v.merges, Pattern::kGpt2, false, {});
+    for (int k = 0; k < 40; ++k) {
+      std::string piece;
+      const size_t len = 1 + rng() % 30;
+      for (size_t u = 0; u < len; ++u) piece += units[rng() % units.size()];
+      std::vector<uint32_t> got;
+      enc->encode_piece(piece, got);
+      CHECK(got == naive_bpe(v, piece));
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -141,6 +178,7 @@ int main() {
     CHECK(got == naive_bpe(v, piece));
   }
   std::printf("fuzzed %zu inputs\n", iterations);
+  fuzz_char_tokens(rng);
 
   // Malformed vocabulary files: truncations and byte flips of valid ones must throw FormatError (or
   // load, when the damage happens to be harmless), never crash.

@@ -1,6 +1,6 @@
 // The split patterns' piece functions, inline so that the encoder's loop compiles them into itself
 // (one call per piece would cost as much as the ASCII work it does). Included by pretokenize.cpp and
-// encoder.cpp only.
+// encoder.cpp (and csrc/tests/test_bpe_core.cpp, which checks the 3-byte table) only.
 #pragma once
 
 #include <cstddef>

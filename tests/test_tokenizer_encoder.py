@@ -150,6 +150,27 @@ def test_pretokenizer_ascii_fast_paths_match_regex(name, text):
     assert_pretokenizer_matches_regex(name, text)
 
 
+# 3-byte UTF-8 characters from blocks of 64 code points that share their classes (CJK ideographs, kana,
+# Hangul, Ethiopic, Devanagari letters) and from blocks that mix them (CJK and fullwidth punctuation with
+# U+3000 space, 々 Lm, 〇 Nl and fullwidth digits/letters; Latin Extended Additional's alternating cases;
+# letterlike symbols; combining marks for symbols; general punctuation and its spaces and separators),
+# next to ASCII, 2- and 4-byte characters and contractions.
+THREE_BYTE = (
+    "中文字符测试語のテキストカタカナ한국어ሀሁदेवनागरी"
+    "\u3000、。〃々〆〇〈〉「」〜〡ー・\uff0c\uff01\uff10\uff19\uff21\uff41\uff5e\uff66\uff9e\uffe0"
+    "Ḁḁẞẟỿ\u2102\u210a\u2118\u2160\u2170\u20d0\u20e3\u2000\u200b\u2028\u2029\u2026\u2019\u0903\u093c"
+)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=THREE_BYTE + "aZ 1'sT\n\r/.é\u0301ʰ😀", max_size=40))
+def test_pretokenizer_three_byte_fast_paths_match_regex(name, text):
+    """The 3-byte fast path (each character's classes from a table of 64-code-point blocks, the two-stage
+    table only for blocks that mix classes) in letter, lowercase, 'other' and o200k case runs."""
+    assert_pretokenizer_matches_regex(name, text)
+
+
 def assert_pretokenizer_matches_regex(name, text):
     """The C++ pre-tokenizer of family ``name`` splits ``text`` as Python's `regex` module runs the same pattern
     (possessive quantifiers included). `regex` has its own Unicode database, which can be newer than the

@@ -1,6 +1,6 @@
 // The split patterns' piece functions, inline so that the encoder's loop compiles them into itself
 // (one call per piece would cost as much as the ASCII work it does). Included by pretokenize.cpp and
-// encoder.cpp only.
+// encoder.cpp (and csrc/tests/test_bpe_core.cpp, which checks the 3-byte table) only.
 #pragma once
 
 #include <cstddef>
@@ -39,6 +39,46 @@ struct ByteFlags {
   }
 };
 inline const ByteFlags kByte;
+
+// Flags of the 3-byte UTF-8 characters (U+0800-FFFF: CJK, kana, Hangul, most Indic scripts, general
+// punctuation) by block of 64 code points, the block that the lead byte and the first continuation byte
+// name: the flags every code point of the block shares, kMixed where they differ (the two-stage table
+// decides) and kNot3 where the two bytes start no valid character (overlong E0 80-9F, surrogates ED A0-BF).
+// A run of CJK characters is then classified with one load per character and no decoding branches.
+constexpr uint8_t kNot3 = 0xFF;
+constexpr uint8_t kMixed = 0xFE;  // no real combination of CharFlags is >= 0x80
+struct Block3Flags {
+  uint8_t f[1024];
+  Block3Flags() {
+    for (uint32_t b = 0; b < 1024; ++b) {
+      const uint32_t lo = b << 6;
+      if (lo < 0x800 || (lo >= 0xD800 && lo <= 0xDFFF)) {
+        f[b] = kNot3;
+        continue;
+      }
+      f[b] = char_flags(lo);
+      for (uint32_t cp = lo + 1; cp < lo + 64; ++cp) {
+        if (char_flags(cp) != f[b]) {
+          f[b] = kMixed;
+          break;
+        }
+      }
+    }
+  }
+};
+inline const Block3Flags kBlock3;
+
+// The flags of the character at s[i] when it is a well-formed 3-byte UTF-8 sequence, else kNot3 (the
+// caller decodes it the general way: ASCII, 2- and 4-byte characters, invalid or truncated bytes).
+SPARROW_INLINE uint8_t flags3(const unsigned char* s, size_t n, size_t i) {
+  if (i + 2 >= n) return kNot3;
+  const uint32_t b0 = s[i], b1 = s[i + 1], b2 = s[i + 2];
+  if (((b0 | (b1 << 8) | (b2 << 16)) & 0xC0C0F0u) != 0x8080E0u) return kNot3;
+  const uint32_t block = ((b0 & 0x0Fu) << 6) | (b1 & 0x3Fu);
+  const uint8_t f = kBlock3.f[block];
+  if (f != kMixed) return f;
+  return char_flags((block << 6) | (b2 & 0x3Fu));
+}
 
 SPARROW_INLINE Ch at(const unsigned char* s, size_t n, size_t i) {
   const unsigned char b = s[i];
@@ -84,6 +124,13 @@ SPARROW_INLINE size_t run_any(const unsigned char* s, size_t n, size_t i, uint8_
   for (;;) {
     while (i < n && (kByte.f[s[i]] & mask)) ++i;
     if (i >= n || s[i] < 0x80) return i;
+    if (uint8_t f3 = flags3(s, n, i); f3 != kNot3) {  // a run of 3-byte characters (CJK)
+      do {
+        if (!(f3 & mask)) return i;
+        i += 3;
+      } while ((f3 = flags3(s, n, i)) != kNot3);
+      continue;
+    }
     Decoded d = decode_utf8(s, n, i);
     if (!(char_flags(d.cp) & mask)) return i;
     i += d.len;
@@ -95,6 +142,13 @@ SPARROW_INLINE size_t run_other(const unsigned char* s, size_t n, size_t i) {
   for (;;) {
     while (i < n && (kByte.f[s[i]] & (kLNS | kHigh)) == 0) ++i;
     if (i >= n || s[i] < 0x80) return i;
+    if (uint8_t f3 = flags3(s, n, i); f3 != kNot3) {
+      do {
+        if (!is_other(f3)) return i;
+        i += 3;
+      } while ((f3 = flags3(s, n, i)) != kNot3);
+      continue;
+    }
     Decoded d = decode_utf8(s, n, i);
     if (!is_other(char_flags(d.cp))) return i;
     i += d.len;
@@ -239,6 +293,15 @@ inline size_t o200k_word(const unsigned char* s, size_t n, size_t st, bool first
   for (;;) {
     while (u < n && (kByte.f[s[u]] & kUpperish)) ++u;  // ASCII capitals (never in the lower class)
     if (u >= n || s[u] < 0x80) break;
+    if (uint8_t f3 = flags3(s, n, u); f3 != kNot3) {  // a run of 3-byte characters (CJK: Lo, both classes)
+      do {
+        if (!(f3 & kUpperish)) break;
+        u += 3;
+        if (f3 & kLowerish) last_lower_end = u;
+      } while ((f3 = flags3(s, n, u)) != kNot3);
+      if (f3 != kNot3) break;
+      continue;
+    }
     Ch c = at(s, n, u);
     if (!(c.f & kUpperish)) break;
     u += c.len;
@@ -312,7 +375,13 @@ SPARROW_INLINE size_t o200k_piece(const unsigned char* s, size_t n, size_t i) {
   }
   Ch c = at(s, n, i);
   const bool prefix = !(c.f & (kLetter | kNumber)) && !is_crlf(c.cp);
+  // Either word alternative needs a character of a case class at i or, after a prefix, at the next
+  // character; where neither is (CJK punctuation before a newline, a digit or ASCII punctuation), the
+  // four tries are skipped.
+  constexpr uint8_t kWord = kUpperish | kLowerish;
+  const bool word = (c.f & kWord) || (prefix && i + c.len < n && (at(s, n, i + c.len).f & kWord));
   for (bool first : {true, false}) {
+    if (!word) break;
     if (prefix) {
       size_t e = o200k_word(s, n, i + c.len, first);
       if (e != kFail) return e;

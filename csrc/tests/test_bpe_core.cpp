@@ -5,6 +5,7 @@
 #include "bpe/encoder.h"
 #include "bpe/json.h"
 #include "bpe/pretokenize.h"
+#include "bpe/pretokenize_impl.h"
 #include "bpe/unicode.h"
 #include "bpe_test_util.h"
 
@@ -177,10 +178,38 @@ void test_loaders() {
   CHECK_THROWS(Encoder::from_tiktoken("", Pattern::kGpt2, {}), FormatError);
 }
 
+// The pre-tokenizer's 3-byte fast path classifies every 3-byte sequence as the general decoder does: each
+// lead byte E0-EF with every pair of following bytes, continuation bytes or not (overlong forms, surrogates,
+// truncated and broken sequences must be left to the general path), at the end of the text or before more.
+void test_three_byte_flags() {
+  size_t mismatches = 0;
+  for (unsigned b0 = 0xE0; b0 <= 0xEF; ++b0)
+    for (unsigned b1 = 0; b1 < 256; ++b1)
+      for (unsigned b2 = 0; b2 < 256; ++b2) {
+        const unsigned char s[4] = {static_cast<unsigned char>(b0), static_cast<unsigned char>(b1),
+                                    static_cast<unsigned char>(b2), 'x'};
+        for (size_t n : {size_t{2}, size_t{3}, size_t{4}}) {
+          const Decoded d = decode_utf8(s, n, 0);
+          const uint8_t want = d.len == 3 ? char_flags(d.cp) : piece::kNot3;
+          mismatches += piece::flags3(s, n, 0) != want;
+        }
+      }
+  CHECK(mismatches == 0);
+  // Blocks that mix classes go through the two-stage table: U+3000 (space) and U+3001 (punctuation),
+  // U+FF10 (digit) and U+FF21 (letter), U+1E00/U+1E01 (upper/lower case).
+  CHECK(piece::flags3(reinterpret_cast<const unsigned char*>("\xE3\x80\x80"), 3, 0) == char_flags(0x3000));
+  CHECK(piece::flags3(reinterpret_cast<const unsigned char*>("\xE3\x80\x81"), 3, 0) == char_flags(0x3001));
+  CHECK(piece::flags3(reinterpret_cast<const unsigned char*>("\xEF\xBC\x90"), 3, 0) == char_flags(0xFF10));
+  CHECK(piece::flags3(reinterpret_cast<const unsigned char*>("\xEF\xBC\xA1"), 3, 0) == char_flags(0xFF21));
+  CHECK(piece::flags3(reinterpret_cast<const unsigned char*>("\xE1\xB8\x80"), 3, 0) == char_flags(0x1E00));
+  CHECK(piece::flags3(reinterpret_cast<const unsigned char*>("\xE1\xB8\x81"), 3, 0) == char_flags(0x1E01));
+}
+
 }  // namespace
 
 int main() {
   test_pretokenize();
+  test_three_byte_flags();
   test_bpe_merges();
   test_piece_caches();
   test_specials();

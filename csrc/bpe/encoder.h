@@ -94,6 +94,7 @@ class Encoder {
   struct Tables;
   void finish(const std::vector<SpecialToken>& specials);
   void build_char_tokens();
+  void keep_last_merges(const std::vector<uint8_t>& several);  // .tiktoken: one pair per token
   void add_token(uint32_t id, std::string bytes, uint8_t kind);
   void add_merge(uint32_t left, uint32_t right, uint32_t rank, uint32_t merged);
   void encode_span(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const;

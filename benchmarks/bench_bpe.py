@@ -240,9 +240,9 @@ def worker(lib: str, vocab: str, text: str, data: Path, warm: int) -> dict:
     # (torch among them) in time that belongs to no encoder; off for every library alike.
     gc.collect()
     gc.disable()
-    w, c = time.perf_counter(), _cpu()
+    w, c, pc = time.perf_counter(), _cpu(), time.process_time()
     ids = [encode(d) for d in docs]
-    wall, cpu = time.perf_counter() - w, _cpu() - c
+    wall, cpu, process_cpu = time.perf_counter() - w, _cpu() - c, time.process_time() - pc
     digest = hashlib.sha1()
     for x in ids:
         digest.update(array("I", x).tobytes())
@@ -255,6 +255,8 @@ def worker(lib: str, vocab: str, text: str, data: Path, warm: int) -> dict:
         best_wall, best_cpu = min(best_wall, time.perf_counter() - w), min(best_cpu, _cpu() - c)
     return {"mb": mb, "tokens": sum(map(len, ids)), "digest": digest.hexdigest()[:16],
             "cold_wall": mb / wall, "cold_cpu": mb / cpu,
+            # CPU time of the process's other threads during the cold pass (should be ~0: one thread).
+            "other_threads_cpu_share": max(0.0, 1 - cpu / process_cpu) if process_cpu > 0 else 0.0,
             "warm_wall": mb / best_wall if warm else None, "warm_cpu": mb / best_cpu if warm else None}
 
 
@@ -280,8 +282,17 @@ def threads_worker(vocab: str, text: str, data: Path) -> dict:
     return out
 
 
+# Every worker runs its library on one thread. fastokens otherwise spreads a long encode over a pool of
+# all cores with the caller taking part (its FASTOKENS_BPE_THREADS override), which neither the "one
+# thread" rows nor a CPU time read from the calling thread would show; the BLAS/OpenMP pools that the
+# imports start are held to one thread as well, so no library's row has idle spinners beside it.
+SINGLE_THREAD_ENV = {"FASTOKENS_BPE_THREADS": "1", "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                     "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def run_worker(args: list[str]) -> dict:
-    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, **SINGLE_THREAD_ENV})
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -373,10 +384,13 @@ def main(args) -> int:
                         vals = [x[key] for x in rs if x.get(key)]
                         row[f"mb_per_s_{key}"] = round(statistics.median(vals), 2) if vals else None
                     row["mb_per_s_cold_wall_runs"] = [round(x["cold_wall"], 1) for x in rs]
+                    row["other_threads_cpu_share"] = round(max(x.get("other_threads_cpu_share", 0.0) for x in rs), 3)
                     rows.append(row)
                     print(f"{vocab:8s} {text:8s} {lib:10s} cold {row['mb_per_s_cold_wall']:7.1f} MB/s "
                           f"(cpu {row['mb_per_s_cold_cpu']:7.1f})  warm {row['mb_per_s_warm_wall'] or 0:7.1f} "
-                          f"(cpu {row['mb_per_s_warm_cpu'] or 0:7.1f})  ids {'ok' if row['ids_identical'] else 'DIFFER'}",
+                          f"(cpu {row['mb_per_s_warm_cpu'] or 0:7.1f})  ids {'ok' if row['ids_identical'] else 'DIFFER'}"
+                          + (f"  other threads {row['other_threads_cpu_share']:.0%} of CPU"
+                             if row["other_threads_cpu_share"] > 0.05 else ""),
                           flush=True)
             if not args.no_threads:
                 for text in text_names:
@@ -398,7 +412,9 @@ def main(args) -> int:
             "method": "MB/s of UTF-8 input, one thread. cold = one encode_ordinary call per document over text the "
                       "process has not seen (fresh process per library, after a short warm-up string); warm = best "
                       "of `warm_passes` repeats in the same process. _wall from wall time, _cpu from the thread's "
-                      "CPU time; median over `rounds` interleaved runs. ids_identical: the digest of the cold pass's "
+                      "CPU time; median over `rounds` interleaved runs. Workers run with SINGLE_THREAD_ENV (fastokens "
+                      "and the BLAS/OpenMP pools held to one thread); other_threads_cpu_share: the largest share of "
+                      "the process's CPU time spent outside the calling thread in a cold pass. ids_identical: the digest of the cold pass's "
                       "ids equals the reference's (tiktoken; HF tokenizers for the Sparrow-trained vocabulary). "
                       "threads: Sparrow encode_ordinary_batch, warm, best of 3.",
         },

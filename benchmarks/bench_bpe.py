@@ -3,9 +3,10 @@
 
 What is timed, and why:
 
-* **Cold, one thread** (the headline): each (library, vocabulary, text) runs in a fresh Python process that
-  loads the tokenizer, encodes one short warm-up string (library initialisation, not the text), then makes
-  one ``encode_ordinary`` call per document over text it has never seen. Repeating the same documents
+* **Cold, one thread** (the headline): every library is held to one thread (``SINGLE_THREAD_ENV``: fastokens
+  would otherwise spread a long encode over all cores), and each (library, vocabulary, text) runs in a fresh
+  Python process that loads the tokenizer, encodes one short warm-up string (library initialisation, not the
+  text), then makes one ``encode_ordinary`` call per document over text it has never seen. Repeating the same documents
   ("best of N") would time each library's caches instead of its encoder.
 * **Warm, one thread**, labelled as such: the best of ``--warm`` further passes over the same documents in
   the same process.

@@ -10,6 +10,8 @@ What is timed, and why:
   ("best of N") would time each library's caches instead of its encoder.
 * **Warm, one thread**, labelled as such: the best of ``--warm`` further passes over the same documents in
   the same process.
+* **Decode**: the cold pass's ids back to text, one ``decode`` call per document, best of two passes, MB/s
+  of text; a row counts only when the round trip gives the documents back.
 * **Threads**: Sparrow's ``encode_ordinary_batch`` at 1, 2 and ``cpu_count`` threads (warm), for scaling.
 
 Text (default 5 MB each, 20 MB in all, nothing downloaded, nothing repeated): English prose (docstrings of
@@ -181,7 +183,7 @@ def train_layout(vocab: str, train: list[str], data: Path) -> None:
 # --------------------------------------------------------------------------------------------- workers
 
 def load_encoder(lib: str, vocab: str, data: Path):
-    """-> encode(text) -> list of ids, for one library."""
+    """-> (encode(text) -> list of ids, decode(ids) -> str), for one library."""
     sys.path.insert(0, str(ROOT))
     from sparrow.tokenizer import reference as R
 
@@ -191,7 +193,7 @@ def load_encoder(lib: str, vocab: str, data: Path):
 
         tok = Tokenizer.from_file(trained) if vocab in TRAINED else Tokenizer.from_tiktoken(
             R.tiktoken_file(vocab, data), pattern=vocab, special_tokens=R.SPECIALS[vocab])
-        return tok.encode_ordinary
+        return tok.encode_ordinary, tok.decode
     if lib == "fastokens":
         import fastokens
 
@@ -205,23 +207,25 @@ def load_encoder(lib: str, vocab: str, data: Path):
         else:
             name = TIKTOKEN_NAMES[vocab]
             tok = fastokens.Tokenizer.from_tiktoken(str(R.tiktoken_file(vocab, data)), encoding=name)
-        return lambda t: tok.encode_ordinary(t).ids
+        return (lambda t: tok.encode_ordinary(t).ids), tok.decode
     if lib == "bpe-openai":
         import bpe_openai
 
         if vocab not in ("cl100k", "o200k"):
             raise LookupError(f"bpe-openai ships no {vocab} vocabulary that matches tiktoken's")
-        return bpe_openai.get_encoding(TIKTOKEN_NAMES[vocab]).encode_ordinary
+        enc = bpe_openai.get_encoding(TIKTOKEN_NAMES[vocab])
+        return enc.encode_ordinary, enc.decode
     if lib == "tiktoken":
         if vocab in TRAINED:
             raise LookupError("tiktoken cannot load a tokenizer.json")
-        return R.tiktoken_encoding(vocab).encode_ordinary
+        enc = R.tiktoken_encoding(vocab)
+        return enc.encode_ordinary, enc.decode
     if lib == "hf":
         import tokenizers
 
         tok = tokenizers.Tokenizer.from_file(str(trained)) if vocab in TRAINED else (
             R.hf_gpt2() if vocab == "gpt2" else R.hf_from_ranks(vocab))
-        return lambda t: tok.encode(t, add_special_tokens=False).ids
+        return (lambda t: tok.encode(t, add_special_tokens=False).ids), tok.decode
     raise ValueError(f"unknown library {lib!r}")
 
 
@@ -233,7 +237,7 @@ def worker(lib: str, vocab: str, text: str, data: Path, warm: int) -> dict:
     docs = pickle.loads((data / f"{text}.pkl").read_bytes())
     mb = sum(len(d.encode()) for d in docs) / 1e6
     try:
-        encode = load_encoder(lib, vocab, data)
+        encode, decode = load_encoder(lib, vocab, data)
     except (LookupError, ImportError) as exc:
         return {"skipped": str(exc)}
     encode(WARMUP)
@@ -254,7 +258,17 @@ def worker(lib: str, vocab: str, text: str, data: Path, warm: int) -> dict:
         w, c = time.perf_counter(), _cpu()
         ids = [encode(d) for d in docs]
         best_wall, best_cpu = min(best_wall, time.perf_counter() - w), min(best_cpu, _cpu() - c)
+    # Decode: the ids back to str, one call per document, best of two passes (MB/s of text produced); the
+    # round trip must give the documents back.
+    best_decode = float("inf")
+    for _ in range(2):
+        c = _cpu()
+        texts = [decode(x) for x in ids]
+        best_decode = min(best_decode, _cpu() - c)
+    roundtrip = texts == docs
+    del texts
     return {"mb": mb, "tokens": sum(map(len, ids)), "digest": digest.hexdigest()[:16],
+            "decode_cpu": mb / best_decode, "decode_roundtrip": roundtrip,
             "cold_wall": mb / wall, "cold_cpu": mb / cpu,
             # CPU time of the process's other threads during the cold pass (should be ~0: one thread).
             "other_threads_cpu_share": max(0.0, 1 - cpu / process_cpu) if process_cpu > 0 else 0.0,
@@ -384,6 +398,8 @@ def main(args) -> int:
                     for key in ("cold_wall", "cold_cpu", "warm_wall", "warm_cpu"):
                         vals = [x[key] for x in rs if x.get(key)]
                         row[f"mb_per_s_{key}"] = round(statistics.median(vals), 2) if vals else None
+                    row["mb_per_s_decode_cpu"] = round(statistics.median(x["decode_cpu"] for x in rs), 2)
+                    row["decode_roundtrip"] = all(x["decode_roundtrip"] for x in rs)
                     row["mb_per_s_cold_wall_runs"] = [round(x["cold_wall"], 1) for x in rs]
                     row["other_threads_cpu_share"] = round(max(x.get("other_threads_cpu_share", 0.0) for x in rs), 3)
                     rows.append(row)
@@ -417,11 +433,13 @@ def main(args) -> int:
                       "and the BLAS/OpenMP pools held to one thread); other_threads_cpu_share: the largest share of "
                       "the process's CPU time spent outside the calling thread in a cold pass. ids_identical: the digest of the cold pass's "
                       "ids equals the reference's (tiktoken; HF tokenizers for the Sparrow-trained vocabulary). "
-                      "threads: Sparrow encode_ordinary_batch, warm, best of 3.",
+                      "threads: Sparrow encode_ordinary_batch, warm, best of 3. decode: ids -> str per document, best of 2 "
+                      "passes, MB/s of text; decode_roundtrip: the decoded texts equal the documents.",
         },
         "rows": rows,
         "threads": thread_rows,
-        "plot": {"x": "case", "y": ["mb_per_s_cold_wall", "mb_per_s_warm_wall"], "series": "impl"},
+        "plot": {"x": "case", "y": ["mb_per_s_cold_wall", "mb_per_s_warm_wall", "mb_per_s_decode_cpu"],
+                 "series": "impl"},
     }
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / result["meta"]["device"] / "bpe.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -433,8 +451,10 @@ def main(args) -> int:
 def print_tables(rows, thread_rows, vocabs, texts, libs):
     index = {(r["vocab"], r["text"], r["impl"]): r for r in rows}
     for key, label in (("cold_wall", "COLD, one thread, wall"), ("cold_cpu", "COLD, one thread, CPU time"),
-                       ("warm_wall", "WARM (same text again), one thread, wall")):
-        print(f"\n{label} (MB/s); ratio = Sparrow / fastest peer with identical ids")
+                       ("warm_wall", "WARM (same text again), one thread, wall"),
+                       ("decode_cpu", "DECODE (ids -> str, text MB/s), one thread, CPU time")):
+        print(f"\n{label} (MB/s); ratio = Sparrow / fastest peer with identical ids"
+              + (" and an exact round trip" if key == "decode_cpu" else ""))
         header = f"{'vocab':8s} {'text':8s} | " + " ".join(f"{lib:>10s}" for lib in libs) + " | ratio"
         print(header)
         print("-" * len(header))
@@ -443,7 +463,8 @@ def print_tables(rows, thread_rows, vocabs, texts, libs):
                 vals = {}
                 for lib in libs:
                     r = index.get((vocab, text, lib))
-                    v = r.get(f"mb_per_s_{key}") if r and r.get("ids_identical") else None
+                    ok = r and r.get("ids_identical") and (key != "decode_cpu" or r.get("decode_roundtrip"))
+                    v = r.get(f"mb_per_s_{key}") if ok else None
                     vals[lib] = v
                 peers = [v for lib, v in vals.items() if lib != "sparrow" and v]
                 ratio = f"{vals['sparrow'] / max(peers):5.2f}x" if vals.get("sparrow") and peers else "    -"

@@ -279,6 +279,19 @@ struct Encoder::Tables {
     const uint64_t key = (static_cast<uint64_t>(l) << 32) | r;
     return probe_pair(key, mix(key));
   }
+  // The merge textbook BPE makes next in sym[0..m): the pair of lowest rank, the leftmost of equal ranks
+  // (as tiktoken and HF), at *at; nullptr when no pair merges. For load-time analysis (no caches, no filter).
+  const PairSlot* next_merge(const uint32_t* sym, size_t m, size_t* at) const {
+    const PairSlot* best = nullptr;
+    for (size_t k = 0; k + 1 < m; ++k) {
+      const PairSlot* p = find_pair(sym[k], sym[k + 1]);
+      if (p && (!best || p->rank < best->rank)) {
+        best = p;
+        *at = k;
+      }
+    }
+    return best;
+  }
 
   void build_tokens(const std::vector<std::string>& bytes, const std::vector<uint8_t>& kind) {
     id_bytes = &bytes;
@@ -399,21 +412,11 @@ void Encoder::keep_last_merges(const std::vector<uint8_t>& several) {
     sym.clear();
     for (unsigned char b : id_bytes_[id]) sym.push_back(byte_id_[b]);
     uint32_t last_l = kNoRank, last_r = kNoRank;
-    while (sym.size() > 1) {
-      uint32_t best = kNoRank, merged = 0;
-      size_t bi = 0;
-      for (size_t k = 0; k + 1 < sym.size(); ++k) {
-        const Tables::PairSlot* p = t.find_pair(sym[k], sym[k + 1]);
-        if (p && p->rank < best) {  // strict: the leftmost of equal ranks, as tiktoken
-          best = p->rank;
-          merged = p->merged;
-          bi = k;
-        }
-      }
-      if (best == kNoRank) break;
+    size_t bi = 0;
+    while (const Tables::PairSlot* p = t.next_merge(sym.data(), sym.size(), &bi)) {
       last_l = sym[bi];
       last_r = sym[bi + 1];
-      sym[bi] = merged;
+      sym[bi] = p->merged;
       sym.erase(sym.begin() + static_cast<std::ptrdiff_t>(bi) + 1);
     }
     if (sym.size() == 1 && sym[0] == id && last_l != kNoRank) keep.push_back({last_l, last_r, id});
@@ -542,19 +545,11 @@ void Encoder::build_char_tokens() {
     uint32_t r_lead[kLeadGroups];
     for (int g = 0; g < kLeadGroups; ++g) r_lead[g] = left_lead[sym[m - 1] * kLeadGroups + g];
     while (m > 1) {
-      uint32_t best = kNoRank, merged = 0;
       size_t bi = 0;
-      for (size_t k = 0; k + 1 < m; ++k) {
-        const Tables::PairSlot* p = t.find_pair(sym[k], sym[k + 1]);
-        if (p && p->rank < best) {
-          best = p->rank;
-          merged = p->merged;
-          bi = k;
-        }
-      }
-      if (best == kNoRank || merged >= nid) break;
-      max_inside = std::max(max_inside, best);
-      sym[bi] = merged;
+      const Tables::PairSlot* p = t.next_merge(sym, m, &bi);
+      if (!p || p->merged >= nid) break;
+      max_inside = std::max(max_inside, p->rank);
+      sym[bi] = p->merged;
       for (size_t k = bi + 1; k + 1 < m; ++k) sym[k] = sym[k + 1];
       --m;
       l_any = std::min(l_any, right_any[sym[0]]);

@@ -395,10 +395,9 @@ def main(args) -> int:
                         continue
                     row["ids_identical"] = all(x.get("digest") == ref for x in rs)
                     row["tokens"] = first["tokens"]
-                    for key in ("cold_wall", "cold_cpu", "warm_wall", "warm_cpu"):
+                    for key in ("cold_wall", "cold_cpu", "warm_wall", "warm_cpu", "decode_cpu"):
                         vals = [x[key] for x in rs if x.get(key)]
                         row[f"mb_per_s_{key}"] = round(statistics.median(vals), 2) if vals else None
-                    row["mb_per_s_decode_cpu"] = round(statistics.median(x["decode_cpu"] for x in rs), 2)
                     row["decode_roundtrip"] = all(x["decode_roundtrip"] for x in rs)
                     row["mb_per_s_cold_wall_runs"] = [round(x["cold_wall"], 1) for x in rs]
                     row["other_threads_cpu_share"] = round(max(x.get("other_threads_cpu_share", 0.0) for x in rs), 3)

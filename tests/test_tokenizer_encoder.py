@@ -204,6 +204,28 @@ def test_pretokenizer_three_byte_fast_paths_match_regex(name, text):
     assert_pretokenizer_matches_regex(name, text)
 
 
+# Pieces of ASCII text where the cl100k family's bulk scan (64 bytes at a time from bit masks of the
+# bytes' classes) has to decide like the regex: words with and without a prefix character, contractions
+# in any case (and look-alikes), punctuation runs with and without a space before them and \r \n after,
+# digit runs of every length, whitespace runs with \r \n inside, before letters, digits, punctuation and
+# the text's end, controls, and a few non-ASCII characters that end the scan's window.
+BULK_PARTS = [
+    "the", " the", "Don", "x", "Q", "'s", "'t", "'ll", "'VE", "'Re", "'d", "'x", "'l", "'", " '", "''",
+    " ", "  ", "    ", " " * 9, "\t", " \t", "\x0b", "\x0c", "\n", "\r\n", " \n", "\n\n    ", "\n \n",
+    "(", ")", "...", ".", ",", " (", "{", "=", '"', "\\", "-", "_", "\x00", "\x1c", "\x7f",
+    "1", "12", "123", "12345", "1234567", "a1b", "é", "中", "ſ",
+]
+
+
+@pytest.mark.parametrize("name", [*NAMES, "llama3", "qwen2"])
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(st.sampled_from(BULK_PARTS), min_size=1, max_size=150).map("".join))
+def test_pretokenizer_bulk_scan_matches_regex(name, text):
+    """Long texts (windows of 64 bytes at every offset, the text's end inside or outside the last one)
+    of the classes the bulk scan tells apart."""
+    assert_pretokenizer_matches_regex(name, text)
+
+
 def assert_pretokenizer_matches_regex(name, text):
     """The C++ pre-tokenizer of family ``name`` splits ``text`` as Python's `regex` module runs the same pattern
     (possessive quantifiers included). `regex` has its own Unicode database, which can be newer than the

@@ -1282,12 +1282,13 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
   uint32_t hot_slots[kBatch];
   bool hot_hit[kBatch];
   HotKey hot_keys[kBatch];
+  Splitter<P> split(s, n);
   size_t i = 0;
   while (i < n) {
     size_t k = 0;
     bounds[0] = i;
     while (k < kBatch && i < n) {
-      const size_t e = piece::next(P, s, n, i);
+      const size_t e = split.next(i);
       const size_t len = e - i;
       hot_hit[k] = false;
       hot_slots[k] = kNoHot;

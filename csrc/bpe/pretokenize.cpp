@@ -31,7 +31,24 @@ const char* pattern_name(Pattern p) {
 }
 
 
-size_t next_piece(Pattern p, const unsigned char* s, size_t n, size_t i) { return piece::next(p, s, n, i); }
+namespace {
+template <Pattern P>
+void piece_ends_t(const unsigned char* s, size_t n, std::vector<size_t>& ends) {
+  Splitter<P> split(s, n);
+  for (size_t i = 0; i < n;) ends.push_back(i = split.next(i));
+}
+}  // namespace
+
+void piece_ends(Pattern p, const unsigned char* s, size_t n, std::vector<size_t>& ends) {
+  switch (p) {
+    case Pattern::kGpt2: return piece_ends_t<Pattern::kGpt2>(s, n, ends);
+    case Pattern::kCl100k: return piece_ends_t<Pattern::kCl100k>(s, n, ends);
+    case Pattern::kO200k: return piece_ends_t<Pattern::kO200k>(s, n, ends);
+    case Pattern::kLlama3: return piece_ends_t<Pattern::kLlama3>(s, n, ends);
+    case Pattern::kQwen2: return piece_ends_t<Pattern::kQwen2>(s, n, ends);
+    case Pattern::kDeepSeekV3: return piece_ends_t<Pattern::kDeepSeekV3>(s, n, ends);
+  }
+}
 
 bool is_valid_utf8(const unsigned char* s, size_t n) {
   size_t i = 0;

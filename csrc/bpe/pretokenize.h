@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
 namespace sparrow::bpe {
 
@@ -34,16 +35,18 @@ enum class Pattern {
 Pattern pattern_from_name(const std::string& name);
 const char* pattern_name(Pattern p);
 
-size_t next_piece(Pattern p, const unsigned char* s, size_t n, size_t i);
+// The end of each piece of s[0..n), in order.
+void piece_ends(Pattern p, const unsigned char* s, size_t n, std::vector<size_t>& ends);
 
 // Calls f(begin, end) for each piece of s[0..n).
 template <class F>
 inline void for_each_piece(Pattern p, const unsigned char* s, size_t n, F&& f) {
-  size_t i = 0;
-  while (i < n) {
-    size_t e = next_piece(p, s, n, i);
-    f(i, e);
-    i = e;
+  std::vector<size_t> ends;
+  piece_ends(p, s, n, ends);
+  size_t b = 0;
+  for (size_t e : ends) {
+    f(b, e);
+    b = e;
   }
 }
 

@@ -3,8 +3,10 @@
 // encoder.cpp (and csrc/tests/test_bpe_core.cpp, which checks the 3-byte table) only.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "bpe/pretokenize.h"
 #include "bpe/unicode.h"
@@ -487,4 +489,191 @@ SPARROW_INLINE size_t next(Pattern p, const unsigned char* s, size_t n, size_t i
   return n;
 }
 
+
+// ---- Bulk piece starts: the cl100k family (cl100k, Llama-3, Qwen2) on ASCII text ----
+//
+// On ASCII the regex's choices depend on a few neighbouring characters only, so the starts of every
+// piece in a 64-byte window can be computed from bit masks of the bytes' classes, without a branch per
+// piece (the scalar functions above take one or two hard-to-predict branches per piece, the larger part
+// of their cost on prose and code). Classes: L letter, N digit, S space, T \t \v \f, R \r \n (S|T|R is
+// \s on ASCII), O everything else (punctuation, symbols, controls; ' among them). With the window's
+// first byte i a piece start (so nothing before it matters: the regex looks behind nowhere), a position
+// p starts a piece when:
+//   - an L run starts at p, unless p-1 is its prefix ([^\r\n\p{L}\p{N}]?+ before \p{L}++);
+//   - p is the prefix of the L run starting at p+1: S or T (the last character of a whitespace run), or
+//     an O run of length one not preceded by S (a space takes it into " ?[^\s\p{L}\p{N}]++" instead);
+//   - an N run starts at p, or p is 3 (kMaxDigits) digits after a start within it;
+//   - an O run starts at p and p-1 is not S (else that space starts the piece);
+//   - a whitespace run starts at p, unless p is an R run right after an O run ([\r\n]*+ took it); the
+//     first position after such an absorbed R run, when in the whitespace run;
+//   - p is the last character of a whitespace run and not R (\s+(?!\S) leaves it to the next piece);
+//   - p follows the last R of a whitespace run (\s*[\r\n] ended there), when not R itself;
+//   - p follows a contraction ('s 'd 'm 't 'll 've 're, any case) at an O run "'" that starts a piece.
+// A verdict at p reads bytes up to p+2 (a contraction's letters), except inside a whitespace run (its
+// end and its last R), so the window's verdicts are final below `limit`: 2 bytes before the first byte
+// not seen (the window's end, the text's end, or a byte >= 0x80 where the Unicode classes take over) and
+// before the inside of a whitespace run that reaches it. tests/test_tokenizer_encoder.py compares the result with the regex on
+// long random texts of these classes (hypothesis) and on real text.
+struct AsciiClasses {
+  uint64_t letter, digit, space, tab, crlf, quote, high;
+};
+
+SPARROW_INLINE AsciiClasses classify64(const unsigned char* p) {
+  AsciiClasses c{};
+#if defined(__SSE2__) && defined(__GNUC__)
+  const __m128i fold = _mm_set1_epi8(0x20);
+  const __m128i a_bias = _mm_set1_epi8(static_cast<char>('a' + 0x80));
+  const __m128i n_bias = _mm_set1_epi8(static_cast<char>('0' + 0x80));
+  const __m128i t_bias = _mm_set1_epi8(static_cast<char>('\t' + 0x80));
+  const __m128i lim26 = _mm_set1_epi8(static_cast<char>(26 - 0x80));
+  const __m128i lim10 = _mm_set1_epi8(static_cast<char>(10 - 0x80));
+  const __m128i lim5 = _mm_set1_epi8(static_cast<char>(5 - 0x80));
+  for (int k = 0; k < 4; ++k) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * k));
+    const auto bits = [&](__m128i m) { return static_cast<uint64_t>(static_cast<unsigned>(_mm_movemask_epi8(m))) << (16 * k); };
+    const __m128i cr = _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('\r')), _mm_cmpeq_epi8(v, _mm_set1_epi8('\n')));
+    c.letter |= bits(_mm_cmplt_epi8(_mm_sub_epi8(_mm_or_si128(v, fold), a_bias), lim26));
+    c.digit |= bits(_mm_cmplt_epi8(_mm_sub_epi8(v, n_bias), lim10));
+    c.space |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8(' ')));
+    c.tab |= bits(_mm_andnot_si128(cr, _mm_cmplt_epi8(_mm_sub_epi8(v, t_bias), lim5)));  // 09-0D less \r \n
+    c.crlf |= bits(cr);
+    c.quote |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8('\'')));
+    c.high |= bits(v);
+  }
+#else
+  for (int j = 0; j < 64; ++j) {
+    const unsigned char b = p[j];
+    const uint64_t bit = uint64_t{1} << j;
+    if (b >= 0x80) c.high |= bit;
+    else if ((b | 0x20) >= 'a' && (b | 0x20) <= 'z') c.letter |= bit;
+    else if (b >= '0' && b <= '9') c.digit |= bit;
+    else if (b == ' ') c.space |= bit;
+    else if (b == '\r' || b == '\n') c.crlf |= bit;
+    else if (b >= '\t' && b <= '\r') c.tab |= bit;
+    else if (b == '\'') c.quote |= bit;
+  }
+#endif
+  return c;
+}
+
+SPARROW_INLINE unsigned ctz64(uint64_t x) { return static_cast<unsigned>(__builtin_ctzll(x)); }
+
+// The piece starts in s[i..i+64) as bits (bit j: i+j), i a piece start, all final; bit 0 is left out.
+// 0 when no start after i is final (a long run, a byte >= 0x80 close by): the caller takes the scalar way.
+template <int kMaxDigits>
+SPARROW_INLINE uint64_t cl100k_bulk_starts(const unsigned char* s, size_t n, size_t i) {
+  AsciiClasses c;
+  unsigned known = 64;  // bytes of the window that are text
+  if (i + 64 <= n) {
+    c = classify64(s + i);
+  } else {
+    unsigned char buf[64] = {};
+    known = static_cast<unsigned>(n - i);
+    std::memcpy(buf, s + i, known);
+    c = classify64(buf);
+  }
+  if (c.high) known = std::min(known, ctz64(c.high));
+  if (known < 4) return 0;
+  const uint64_t seen = known == 64 ? ~uint64_t{0} : (uint64_t{1} << known) - 1;
+  const uint64_t L = c.letter & seen, N = c.digit & seen, S = c.space & seen, R = c.crlf & seen;
+  const uint64_t U = S | (c.tab & seen);  // whitespace other than \r \n
+  const uint64_t W = U | R;
+  const uint64_t O = seen & ~(L | N | W);
+  const uint64_t l_start = L & ~(L << 1), o_start = O & ~(O << 1), w_start = W & ~(W << 1);
+  const uint64_t after_space = S << 1;
+
+  // Letters, and the prefix character a word takes.
+  const uint64_t prefix = (l_start >> 1) & (U | (o_start & ~after_space));
+  uint64_t starts = prefix | (l_start & ~(prefix << 1));
+  // Digits in groups of kMaxDigits from the start of their run.
+  uint64_t group = N & ~(N << 1);
+  if (kMaxDigits == 1) {
+    group = N;
+  } else {
+    static_assert(kMaxDigits == 1 || kMaxDigits == 3, "digit groups of 1 or 3");
+    for (uint64_t g = group; g;) {
+      g = (g << 3) & N & (N << 1) & (N << 2);
+      group |= g;
+    }
+  }
+  starts |= group;
+  // Punctuation runs, unless a space before them starts the piece.
+  starts |= o_start & ~after_space;
+  // Whitespace: the \r \n run right after a punctuation run belongs to it, and the piece after it starts
+  // at the next position (R + start carries through the run to the position after it).
+  const uint64_t absorbed_start = R & ~(R << 1) & (O << 1);
+  const uint64_t after_absorbed = (R + absorbed_start) & ~R;
+  starts |= (w_start & ~absorbed_start) | (after_absorbed & U) | (W & ~(W >> 1) & U);
+  // After the last \r \n of a whitespace run: a run of U after an R is the run's tail when what follows
+  // it is not R (rare enough per window for a loop).
+  unsigned limit = known - 2;
+  for (uint64_t cand = U & ~(U << 1) & (R << 1) & ~after_absorbed; cand; cand &= cand - 1) {
+    const unsigned p = ctz64(cand);
+    const unsigned e = p + ctz64(~(U >> p));  // the end of the U run (64 when it reaches the window's end)
+    if (e >= known) {
+      limit = std::min(limit, p);
+      break;
+    }
+    if (!((R >> e) & 1)) starts |= uint64_t{1} << p;
+  }
+  // A whitespace run that reaches the last byte seen: its inside waits for the next window.
+  if ((W >> (known - 1)) & 1) {
+    const uint64_t runs = w_start & ((known == 64) ? ~uint64_t{0} : (uint64_t{1} << known) - 1);
+    limit = std::min(limit, 64 - static_cast<unsigned>(__builtin_clzll(runs)));  // its start + 1
+  }
+  // Contractions at a "'" that starts a piece before a letter (the word alternative would take it
+  // as a prefix otherwise: same start, but the piece ends after the contraction).
+  for (uint64_t q = c.quote & o_start & ~after_space & (l_start >> 1) & ((uint64_t{1} << limit) - 1); q; q &= q - 1) {
+    const unsigned p = ctz64(q);
+    const unsigned char a = s[i + p + 1] | 0x20, b = s[i + p + 2] | 0x20;
+    if (a == 's' || a == 'd' || a == 'm' || a == 't') {
+      starts |= uint64_t{2} << (p + 1);
+    } else if ((a == 'l' && b == 'l') || (a == 'v' && b == 'e') || (a == 'r' && b == 'e')) {
+      starts |= uint64_t{4} << (p + 1);
+    }
+  }
+  return starts & ((uint64_t{1} << limit) - 1) & ~uint64_t{1};
+}
+
 }  // namespace sparrow::bpe::piece
+
+namespace sparrow::bpe {
+
+// Splits s[0..n) piece by piece: next(i) is the end of the piece starting at i, the end that the call
+// before returned (0 first). The cl100k family takes its pieces 64 bytes at a time where the text is
+// ASCII (cl100k_bulk_starts), the rest one piece at a time.
+template <Pattern P>
+struct Splitter {
+  const unsigned char* s;
+  size_t n;
+  size_t base = 0;       // the window that `pending` counts from
+  uint64_t pending = 0;  // the window's piece starts not returned yet
+
+  Splitter(const unsigned char* text, size_t size) : s(text), n(size) {}
+
+  SPARROW_INLINE size_t next(size_t i) {
+    if constexpr (P == Pattern::kCl100k || P == Pattern::kLlama3 || P == Pattern::kQwen2) {
+      if (pending) {
+        const size_t e = base + piece::ctz64(pending);
+        pending &= pending - 1;
+        return e;
+      }
+      // A byte >= 0x80 among the next 8 leaves the window too little to decide (Chinese text meets one
+      // at nearly every ASCII piece): the scalar way, without classifying 64 bytes for nothing.
+      uint64_t head;
+      if (i + 8 <= n) std::memcpy(&head, s + i, 8);
+      else head = s[i];
+      if (!(head & 0x8080808080808080ull)) {
+        if (const uint64_t m = piece::cl100k_bulk_starts<P == Pattern::kQwen2 ? 1 : 3>(s, n, i)) {
+          base = i;
+          pending = m & (m - 1);
+          return i + piece::ctz64(m);
+        }
+      }
+    }
+    return piece::next(P, s, n, i);
+  }
+};
+
+}  // namespace sparrow::bpe
+

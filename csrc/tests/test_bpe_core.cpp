@@ -205,11 +205,37 @@ void test_three_byte_flags() {
   CHECK(piece::flags3(reinterpret_cast<const unsigned char*>("\xE1\xB8\x81"), 3, 0) == char_flags(0x1E01));
 }
 
+
+// The bulk scan's byte classes (SSE2 range compares) are the Unicode tables' classes of ASCII: letter,
+// digit, White_Space split into space / \r \n / the rest, and "other" for the remaining bytes.
+void test_bulk_scan_classes() {
+  for (unsigned base = 0; base < 256; base += 64) {
+    unsigned char window[64];
+    for (unsigned j = 0; j < 64; ++j) window[j] = static_cast<unsigned char>(base + j);
+    const piece::AsciiClasses c = piece::classify64(window);
+    for (unsigned j = 0; j < 64; ++j) {
+      const unsigned b = base + j;
+      const uint64_t bit = uint64_t{1} << j;
+      CHECK(((c.high & bit) != 0) == (b >= 0x80));
+      if (b >= 0x80) continue;
+      const uint8_t f = char_flags(b);
+      CHECK(((c.letter & bit) != 0) == ((f & kLetter) != 0));
+      CHECK(((c.digit & bit) != 0) == ((f & kNumber) != 0));
+      const bool white = (c.space | c.tab | c.crlf) & bit;
+      CHECK(white == ((f & kSpace) != 0));
+      CHECK(((c.crlf & bit) != 0) == (b == '\r' || b == '\n'));
+      CHECK(((c.space & bit) != 0) == (b == ' '));
+      CHECK(((c.quote & bit) != 0) == (b == '\''));
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   test_pretokenize();
   test_three_byte_flags();
+  test_bulk_scan_classes();
   test_bpe_merges();
   test_piece_caches();
   test_specials();

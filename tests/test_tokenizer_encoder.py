@@ -204,15 +204,16 @@ def test_pretokenizer_three_byte_fast_paths_match_regex(name, text):
     assert_pretokenizer_matches_regex(name, text)
 
 
-# Pieces of ASCII text where the cl100k family's bulk scan (64 bytes at a time from bit masks of the
-# bytes' classes) has to decide like the regex: words with and without a prefix character, contractions
-# in any case (and look-alikes), punctuation runs with and without a space before them and \r \n after,
-# digit runs of every length, whitespace runs with \r \n inside, before letters, digits, punctuation and
-# the text's end, controls, and a few non-ASCII characters that end the scan's window.
+# Pieces of ASCII text where the bulk scan (64 bytes at a time from bit masks of the bytes' classes) has
+# to decide like the regex: words with and without a prefix character, o200k's case runs, contractions
+# in any case (and look-alikes), punctuation runs with and without a space before them and \r \n (o200k:
+# and "/") after, digit runs of every length, whitespace runs with \r \n inside, before letters, digits,
+# punctuation and the text's end, controls, and a few non-ASCII characters that end the scan's window.
 BULK_PARTS = [
     "the", " the", "Don", "x", "Q", "'s", "'t", "'ll", "'VE", "'Re", "'d", "'x", "'l", "'", " '", "''",
     " ", "  ", "    ", " " * 9, "\t", " \t", "\x0b", "\x0c", "\n", "\r\n", " \n", "\n\n    ", "\n \n",
-    "(", ")", "...", ".", ",", " (", "{", "=", '"', "\\", "-", "_", "\x00", "\x1c", "\x7f",
+    "(", ")", "...", ".", ",", " (", "{", "=", '"', "\\", "-", "_", "\x00", "\x1c", "\x7f", "/", "//", "\n/",
+    ".\n/", "/(", "aB", "HTML", "Parser", "camelCase", "IT", "s",
     "1", "12", "123", "12345", "1234567", "a1b", "é", "中", "ſ",
 ]
 

@@ -490,32 +490,39 @@ SPARROW_INLINE size_t next(Pattern p, const unsigned char* s, size_t n, size_t i
 }
 
 
-// ---- Bulk piece starts: the cl100k family (cl100k, Llama-3, Qwen2) on ASCII text ----
+// ---- Bulk piece starts on ASCII text: the cl100k family (cl100k, Llama-3, Qwen2), o200k, GPT-2 ----
 //
-// On ASCII the regex's choices depend on a few neighbouring characters only, so the starts of every
+// On ASCII the regexes' choices depend on a few neighbouring characters only, so the starts of every
 // piece in a 64-byte window can be computed from bit masks of the bytes' classes, without a branch per
 // piece (the scalar functions above take one or two hard-to-predict branches per piece, the larger part
 // of their cost on prose and code). Classes: L letter, N digit, S space, T \t \v \f, R \r \n (S|T|R is
-// \s on ASCII), O everything else (punctuation, symbols, controls; ' among them). With the window's
-// first byte i a piece start (so nothing before it matters: the regex looks behind nowhere), a position
-// p starts a piece when:
+// \s on ASCII), O everything else (punctuation, symbols, controls; ' and / among them). With the
+// window's first byte i a piece start (so nothing before it matters: no pattern looks behind), a
+// position p starts a piece in the cl100k family when:
 //   - an L run starts at p, unless p-1 is its prefix ([^\r\n\p{L}\p{N}]?+ before \p{L}++);
 //   - p is the prefix of the L run starting at p+1: S or T (the last character of a whitespace run), or
 //     an O run of length one not preceded by S (a space takes it into " ?[^\s\p{L}\p{N}]++" instead);
-//   - an N run starts at p, or p is 3 (kMaxDigits) digits after a start within it;
+//   - an N run starts at p, or p is 3 (Qwen2: 1) digits after a start within it;
 //   - an O run starts at p and p-1 is not S (else that space starts the piece);
 //   - a whitespace run starts at p, unless p is an R run right after an O run ([\r\n]*+ took it); the
-//     first position after such an absorbed R run, when in the whitespace run;
+//     first position after such an absorbed R run;
 //   - p is the last character of a whitespace run and not R (\s+(?!\S) leaves it to the next piece);
 //   - p follows the last R of a whitespace run (\s*[\r\n] ended there), when not R itself;
 //   - p follows a contraction ('s 'd 'm 't 'll 've 're, any case) at an O run "'" that starts a piece.
+// o200k differs in three places: an upper-case letter after a lower-case one starts a piece (its words
+// are [A-Z]*[a-z]+ or [A-Z]+[a-z]* on ASCII); a contraction is the suffix of the word before it rather
+// than a piece of its own (no piece starts at its "'" or inside it, one starts after it); and what
+// follows a punctuation run is [\r\n/]*, so a "/" after its \r \n is absorbed too and the piece after
+// it may start inside an O run (where its first character can prefix a word). GPT-2 is simpler: a run
+// of letters, digits or punctuation starts a piece unless a space before it does (" ?X++"), whitespace
+// runs start at their first and last characters, and contractions are lower case only.
 // A verdict at p reads bytes up to p+2 (a contraction's letters), except inside a whitespace run (its
 // end and its last R), so the window's verdicts are final below `limit`: 2 bytes before the first byte
 // not seen (the window's end, the text's end, or a byte >= 0x80 where the Unicode classes take over) and
-// before the inside of a whitespace run that reaches it. tests/test_tokenizer_encoder.py compares the result with the regex on
-// long random texts of these classes (hypothesis) and on real text.
+// before the inside of a whitespace run that reaches it. tests/test_tokenizer_encoder.py compares the
+// result with the regexes on long random texts of these classes (hypothesis) and on real text.
 struct AsciiClasses {
-  uint64_t letter, digit, space, tab, crlf, quote, high;
+  uint64_t letter, lower, digit, space, tab, crlf, quote, slash, high;
 };
 
 SPARROW_INLINE AsciiClasses classify64(const unsigned char* p) {
@@ -538,6 +545,8 @@ SPARROW_INLINE AsciiClasses classify64(const unsigned char* p) {
     c.tab |= bits(_mm_andnot_si128(cr, _mm_cmplt_epi8(_mm_sub_epi8(v, t_bias), lim5)));  // 09-0D less \r \n
     c.crlf |= bits(cr);
     c.quote |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8('\'')));
+    c.slash |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8('/')));
+    c.lower |= bits(_mm_cmplt_epi8(_mm_sub_epi8(v, a_bias), lim26));
     c.high |= bits(v);
   }
 #else
@@ -545,12 +554,13 @@ SPARROW_INLINE AsciiClasses classify64(const unsigned char* p) {
     const unsigned char b = p[j];
     const uint64_t bit = uint64_t{1} << j;
     if (b >= 0x80) c.high |= bit;
-    else if ((b | 0x20) >= 'a' && (b | 0x20) <= 'z') c.letter |= bit;
+    else if ((b | 0x20) >= 'a' && (b | 0x20) <= 'z') c.letter |= bit, c.lower |= b >= 'a' ? bit : 0;
     else if (b >= '0' && b <= '9') c.digit |= bit;
     else if (b == ' ') c.space |= bit;
     else if (b == '\r' || b == '\n') c.crlf |= bit;
     else if (b >= '\t' && b <= '\r') c.tab |= bit;
     else if (b == '\'') c.quote |= bit;
+    else if (b == '/') c.slash |= bit;
   }
 #endif
   return c;
@@ -558,10 +568,22 @@ SPARROW_INLINE AsciiClasses classify64(const unsigned char* p) {
 
 SPARROW_INLINE unsigned ctz64(uint64_t x) { return static_cast<unsigned>(__builtin_ctzll(x)); }
 
+enum class Bulk { kCl100k, kQwen2, kO200k, kGpt2 };
+
+// The contraction at s[p] ("'" then s d m t, ll ve re; kAnyCase: in any case), as its length after the
+// "'" (0: none). s[p+1] is a letter and s[p+2] readable.
+template <bool kAnyCase>
+SPARROW_INLINE unsigned contraction_letters(const unsigned char* s) {
+  const unsigned char a = kAnyCase ? (s[1] | 0x20) : s[1], b = kAnyCase ? (s[2] | 0x20) : s[2];
+  if (a == 's' || a == 'd' || a == 'm' || a == 't') return 1;
+  if ((a == 'l' && b == 'l') || (a == 'v' && b == 'e') || (a == 'r' && b == 'e')) return 2;
+  return 0;
+}
+
 // The piece starts in s[i..i+64) as bits (bit j: i+j), i a piece start, all final; bit 0 is left out.
 // 0 when no start after i is final (a long run, a byte >= 0x80 close by): the caller takes the scalar way.
-template <int kMaxDigits>
-SPARROW_INLINE uint64_t cl100k_bulk_starts(const unsigned char* s, size_t n, size_t i) {
+template <Bulk kFamily>
+SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) {
   AsciiClasses c;
   unsigned known = 64;  // bytes of the window that are text
   if (i + 64 <= n) {
@@ -579,59 +601,88 @@ SPARROW_INLINE uint64_t cl100k_bulk_starts(const unsigned char* s, size_t n, siz
   const uint64_t U = S | (c.tab & seen);  // whitespace other than \r \n
   const uint64_t W = U | R;
   const uint64_t O = seen & ~(L | N | W);
-  const uint64_t l_start = L & ~(L << 1), o_start = O & ~(O << 1), w_start = W & ~(W << 1);
+  const uint64_t l_start = L & ~(L << 1), w_start = W & ~(W << 1), w_last = W & ~(W >> 1);
+  uint64_t o_start = O & ~(O << 1);
   const uint64_t after_space = S << 1;
-
-  // Letters, and the prefix character a word takes.
-  const uint64_t prefix = (l_start >> 1) & (U | (o_start & ~after_space));
-  uint64_t starts = prefix | (l_start & ~(prefix << 1));
-  // Digits in groups of kMaxDigits from the start of their run.
-  uint64_t group = N & ~(N << 1);
-  if (kMaxDigits == 1) {
-    group = N;
-  } else {
-    static_assert(kMaxDigits == 1 || kMaxDigits == 3, "digit groups of 1 or 3");
-    for (uint64_t g = group; g;) {
-      g = (g << 3) & N & (N << 1) & (N << 2);
-      group |= g;
-    }
-  }
-  starts |= group;
-  // Punctuation runs, unless a space before them starts the piece.
-  starts |= o_start & ~after_space;
-  // Whitespace: the \r \n run right after a punctuation run belongs to it, and the piece after it starts
-  // at the next position (R + start carries through the run to the position after it).
-  const uint64_t absorbed_start = R & ~(R << 1) & (O << 1);
-  const uint64_t after_absorbed = (R + absorbed_start) & ~R;
-  starts |= (w_start & ~absorbed_start) | (after_absorbed & U) | (W & ~(W >> 1) & U);
-  // After the last \r \n of a whitespace run: a run of U after an R is the run's tail when what follows
-  // it is not R (rare enough per window for a loop).
+  uint64_t starts;
   unsigned limit = known - 2;
-  for (uint64_t cand = U & ~(U << 1) & (R << 1) & ~after_absorbed; cand; cand &= cand - 1) {
-    const unsigned p = ctz64(cand);
-    const unsigned e = p + ctz64(~(U >> p));  // the end of the U run (64 when it reaches the window's end)
-    if (e >= known) {
-      limit = std::min(limit, p);
-      break;
+
+  if constexpr (kFamily == Bulk::kGpt2) {
+    starts = ((l_start | (N & ~(N << 1)) | o_start) & ~after_space) | w_start | w_last;
+    // Contractions (lower case) at a "'" that starts a piece before a letter: the letter run then starts
+    // after them, not right after the "'".
+    for (uint64_t q = c.quote & o_start & ~after_space & (l_start >> 1) & ((uint64_t{1} << limit) - 1); q; q &= q - 1) {
+      const unsigned p = ctz64(q);
+      if (const unsigned k = contraction_letters<false>(s + i + p)) starts = (starts & ~(uint64_t{2} << p)) | (uint64_t{1} << (p + 1 + k));
     }
-    if (!((R >> e) & 1)) starts |= uint64_t{1} << p;
+  } else {
+    // The \r \n right after a punctuation run belong to it (o200k: and any "/" among them), and the
+    // piece after them starts at the next position (adding the run's start carries through the run to it).
+    const uint64_t absorbable = kFamily == Bulk::kO200k ? R | (c.slash & seen) : R;
+    uint64_t absorbed_start = R & (O << 1);
+    if constexpr (kFamily == Bulk::kO200k) {
+      // Only the first such R of a run of [\r\n/] starts what is absorbed: an R after a "/" that the run
+      // already absorbed is not after a punctuation run ("'\n/\n/" is one piece). The first one: at the
+      // run's start, or where the carry from the run's start through what precedes it lands.
+      const uint64_t run_start = absorbable & ~(absorbable << 1), rest = absorbable & ~absorbed_start;
+      absorbed_start &= run_start | (rest + (run_start & rest));
+    }
+    const uint64_t after_absorbed = (absorbable + absorbed_start) & ~absorbable & seen;
+    const uint64_t absorbed = absorbable & ~(absorbable + absorbed_start);
+    o_start = (o_start & ~absorbed) | (after_absorbed & O);
+    // Letters, and the prefix character a word takes.
+    const uint64_t prefix = (l_start >> 1) & (U | (o_start & ~after_space));
+    starts = prefix | (l_start & ~(prefix << 1));
+    if constexpr (kFamily == Bulk::kO200k) starts |= L & ~c.lower & (c.lower << 1);  // aB: a | B
+    // Digits in groups of 3 (Qwen2: 1) from the start of their run.
+    uint64_t group = N & ~(N << 1);
+    if constexpr (kFamily == Bulk::kQwen2) {
+      group = N;
+    } else {
+      for (uint64_t g = group; g;) {
+        g = (g << 3) & N & (N << 1) & (N << 2);
+        group |= g;
+      }
+    }
+    starts |= group;
+    // Punctuation runs, unless a space before them starts the piece.
+    starts |= o_start & ~after_space;
+    starts |= (w_start & ~absorbed) | after_absorbed | (w_last & U);
+    starts &= ~absorbed;
+    // After the last \r \n of a whitespace run: a run of U after an R is the run's tail when what
+    // follows it is not R (rare enough per window for a loop).
+    for (uint64_t cand = U & ~(U << 1) & (R << 1) & ~after_absorbed; cand; cand &= cand - 1) {
+      const unsigned p = ctz64(cand);
+      const unsigned e = p + ctz64(~(U >> p));  // the end of the U run (64 when it reaches the window's end)
+      if (e >= known) {
+        limit = std::min(limit, p);
+        break;
+      }
+      if (!((R >> e) & 1)) starts |= uint64_t{1} << p;
+    }
+    if constexpr (kFamily == Bulk::kO200k) {
+      // A contraction right after a word is its suffix: no piece starts at the "'" or inside it. (Not
+      // right after another suffix: "it's's" is "it's" then the word "'s".)
+      unsigned after_suffix = 64;
+      for (uint64_t q = c.quote & (L << 1) & (L >> 1) & ((uint64_t{1} << limit) - 1); q; q &= q - 1) {
+        const unsigned p = ctz64(q);
+        if (p == after_suffix) continue;
+        if (const unsigned k = contraction_letters<true>(s + i + p)) {
+          starts = (starts & ~(((uint64_t{2} << k) - 1) << p)) | (uint64_t{1} << (p + 1 + k));
+          after_suffix = p + 1 + k;
+        }
+      }
+    } else {
+      // Contractions at a "'" that starts a piece before a letter (the word alternative would take it
+      // as a prefix otherwise: same start, but the piece ends after the contraction).
+      for (uint64_t q = c.quote & o_start & ~after_space & (l_start >> 1) & ((uint64_t{1} << limit) - 1); q; q &= q - 1) {
+        const unsigned p = ctz64(q);
+        if (const unsigned k = contraction_letters<true>(s + i + p)) starts |= uint64_t{1} << (p + 1 + k);
+      }
+    }
   }
   // A whitespace run that reaches the last byte seen: its inside waits for the next window.
-  if ((W >> (known - 1)) & 1) {
-    const uint64_t runs = w_start & ((known == 64) ? ~uint64_t{0} : (uint64_t{1} << known) - 1);
-    limit = std::min(limit, 64 - static_cast<unsigned>(__builtin_clzll(runs)));  // its start + 1
-  }
-  // Contractions at a "'" that starts a piece before a letter (the word alternative would take it
-  // as a prefix otherwise: same start, but the piece ends after the contraction).
-  for (uint64_t q = c.quote & o_start & ~after_space & (l_start >> 1) & ((uint64_t{1} << limit) - 1); q; q &= q - 1) {
-    const unsigned p = ctz64(q);
-    const unsigned char a = s[i + p + 1] | 0x20, b = s[i + p + 2] | 0x20;
-    if (a == 's' || a == 'd' || a == 'm' || a == 't') {
-      starts |= uint64_t{2} << (p + 1);
-    } else if ((a == 'l' && b == 'l') || (a == 'v' && b == 'e') || (a == 'r' && b == 'e')) {
-      starts |= uint64_t{4} << (p + 1);
-    }
-  }
+  if ((W >> (known - 1)) & 1) limit = std::min(limit, 64 - static_cast<unsigned>(__builtin_clzll(w_start)));
   return starts & ((uint64_t{1} << limit) - 1) & ~uint64_t{1};
 }
 
@@ -640,8 +691,8 @@ SPARROW_INLINE uint64_t cl100k_bulk_starts(const unsigned char* s, size_t n, siz
 namespace sparrow::bpe {
 
 // Splits s[0..n) piece by piece: next(i) is the end of the piece starting at i, the end that the call
-// before returned (0 first). The cl100k family takes its pieces 64 bytes at a time where the text is
-// ASCII (cl100k_bulk_starts), the rest one piece at a time.
+// before returned (0 first). Every pattern but DeepSeek-V3's takes its pieces 64 bytes at a time where
+// the text is ASCII (bulk_starts), the rest one piece at a time.
 template <Pattern P>
 struct Splitter {
   const unsigned char* s;
@@ -652,7 +703,7 @@ struct Splitter {
   Splitter(const unsigned char* text, size_t size) : s(text), n(size) {}
 
   SPARROW_INLINE size_t next(size_t i) {
-    if constexpr (P == Pattern::kCl100k || P == Pattern::kLlama3 || P == Pattern::kQwen2) {
+    if constexpr (P != Pattern::kDeepSeekV3) {
       if (pending) {
         const size_t e = base + piece::ctz64(pending);
         pending &= pending - 1;
@@ -664,7 +715,11 @@ struct Splitter {
       if (i + 8 <= n) std::memcpy(&head, s + i, 8);
       else head = s[i];
       if (!(head & 0x8080808080808080ull)) {
-        if (const uint64_t m = piece::cl100k_bulk_starts<P == Pattern::kQwen2 ? 1 : 3>(s, n, i)) {
+        constexpr piece::Bulk kFamily = P == Pattern::kQwen2  ? piece::Bulk::kQwen2
+                                        : P == Pattern::kO200k ? piece::Bulk::kO200k
+                                        : P == Pattern::kGpt2  ? piece::Bulk::kGpt2
+                                                               : piece::Bulk::kCl100k;
+        if (const uint64_t m = piece::bulk_starts<kFamily>(s, n, i)) {
           base = i;
           pending = m & (m - 1);
           return i + piece::ctz64(m);

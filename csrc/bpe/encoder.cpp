@@ -1227,7 +1227,7 @@ void Encoder::bpe_large(const unsigned char* s, size_t n, std::vector<uint32_t>&
 
 namespace {
 
-// The bytes of a piece of 2..16 bytes at s[i..i+len) zero-padded to two words (the hot table's key).
+// The bytes of a piece of 1..16 bytes at s[i..i+len) zero-padded to two words (the hot table's key).
 // Reads 16 bytes at once where the text has them, else copies.
 struct HotKey {
   uint64_t w0, w1;
@@ -1243,12 +1243,10 @@ SPARROW_INLINE HotKey hot_key(const unsigned char* s, size_t n, size_t i, size_t
     k.w0 = load64(buf);
     k.w1 = load64(buf + 8);
   }
-  if (len < 8) {
-    k.w0 &= (uint64_t{1} << (8 * len)) - 1;
-    k.w1 = 0;
-  } else if (len < 16) {
-    k.w1 &= (uint64_t{1} << (8 * (len - 8))) - 1;  // len 8: all of w1 cleared
-  }
+  // Masks without a branch on the length (pieces of under and over 8 bytes alternate unpredictably).
+  const size_t lo = len < 8 ? len : 8;
+  k.w0 &= ~uint64_t{0} >> (64 - 8 * lo);
+  k.w1 &= len > 8 ? ~uint64_t{0} >> (128 - 8 * len) : 0;
   return k;
 }
 SPARROW_INLINE size_t hot_slot(const HotKey& k, size_t len) {
@@ -1292,7 +1290,7 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
       const size_t len = e - i;
       hot_hit[k] = false;
       hot_slots[k] = kNoHot;
-      if (len >= 2 && len <= 16) {
+      if (len <= 16) {
         const HotKey key = hot_key(s, n, i, len);
         const size_t slot = hot_slot(key, len);
         const PieceCache::HotEntry& he = cache.hot[slot];
@@ -1343,7 +1341,10 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
       const unsigned char* p = s + bounds[q];
       const size_t len = bounds[q + 1] - bounds[q];
       if (len == 1) {
-        if (byte_present_[p[0]]) out.push_back(byte_id_[p[0]]);
+        if (byte_present_[p[0]]) {
+          out.push_back(byte_id_[p[0]]);
+          remember(q, 1, &byte_id_[p[0]], 1);
+        }
         continue;
       }
       if (!cacheable(len)) {

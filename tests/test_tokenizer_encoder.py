@@ -467,6 +467,26 @@ def test_hf_gpt2_tokenizer_json_matches(hf_gpt2, vocabs, tmp_path):
         Tokenizer.from_file(path)
 
 
+def test_id_lists_share_prepaid_ints(vocabs):
+    """Lists of ids hold the encoder's shared ints without an increment each (their reference count is paid
+    once, at load): the same objects come back from every call, and freeing any number of lists leaves
+    them alive and equal to their values."""
+    import sys
+
+    tok = vocabs[NAMES[-1]][0]
+    text = "The quick brown fox; 12345 jumps over the lazy dog. " * 20
+    first = tok.encode_ordinary(text)
+    want = list(first)
+    for _ in range(2000):
+        ids = tok.encode_ordinary(text)
+        assert ids == want
+        del ids
+    again = tok.encode_ordinary(text)
+    assert all(a is b for a, b in zip(first, again))
+    assert sys.getrefcount(max(first)) > 2**31
+    assert [int(x) for x in again] == want
+
+
 def test_pickle_and_numpy_ids(vocabs, tmp_path):
     import pickle
 

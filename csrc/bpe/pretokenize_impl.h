@@ -516,9 +516,9 @@ SPARROW_INLINE size_t next(Pattern p, const unsigned char* s, size_t n, size_t i
 // it may start inside an O run (where its first character can prefix a word). GPT-2 is simpler: a run
 // of letters, digits or punctuation starts a piece unless a space before it does (" ?X++"), whitespace
 // runs start at their first and last characters, and contractions are lower case only.
-// A verdict at p reads bytes up to p+2 (a contraction's letters), except inside a whitespace run (its
-// end and its last R), so the window's verdicts are final below `limit`: 2 bytes before the first byte
-// not seen (the window's end, the text's end, or a byte >= 0x80 where the Unicode classes take over) and
+// A verdict at p reads bytes up to p+2 (a contraction's letters) and may set the start at p+3 (after
+// them), except inside a whitespace run (its end and its last R), so the window's verdicts are final
+// below `limit`: 3 bytes before the first byte not seen (the window's end, the text's end, or a byte >= 0x80 where the Unicode classes take over) and
 // before the inside of a whitespace run that reaches it. tests/test_tokenizer_encoder.py compares the
 // result with the regexes on long random texts of these classes (hypothesis) and on real text.
 struct AsciiClasses {
@@ -605,7 +605,7 @@ SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) 
   uint64_t o_start = O & ~(O << 1);
   const uint64_t after_space = S << 1;
   uint64_t starts;
-  unsigned limit = known - 2;
+  unsigned limit = known - 3;  // so that p + 3 (a contraction's end) stays a bit of the window
 
   if constexpr (kFamily == Bulk::kGpt2) {
     starts = ((l_start | (N & ~(N << 1)) | o_start) & ~after_space) | w_start | w_last;

@@ -89,32 +89,22 @@ py::list to_list(const std::vector<uint32_t>& ids) {
   const size_t n = ids.size();
   const uint32_t* const id = ids.data();
   PyObject** const items = reinterpret_cast<PyListObject*>(list)->ob_item;
-  if constexpr (kPrepaidIds) {
-    for (size_t i = 0; i < n; ++i) {
-      if (id[i] < cached) {
-        items[i] = obj[id[i]];
-        continue;
-      }
-      PyObject* v = PyLong_FromUnsignedLong(id[i]);
-      if (!v) {
-        Py_DECREF(list);
-        throw py::error_already_set();
-      }
-      items[i] = v;
-    }
-    return py::reinterpret_steal<py::list>(list);
-  }
-  // The increments touch objects scattered over megabytes (one per vocabulary id): prefetch each for
-  // writing a few ids ahead, so those cache misses overlap instead of stalling one after another.
+  // Without prepaid counts the increments touch objects scattered over megabytes (one per vocabulary
+  // id): prefetch each for writing a few ids ahead, so those cache misses overlap instead of stalling
+  // one after another.
   constexpr size_t kAhead = 8;
-  for (size_t i = 0; i < n && i < kAhead; ++i)
-    if (id[i] < cached) __builtin_prefetch(obj[id[i]], 1);
+  if constexpr (!kPrepaidIds) {
+    for (size_t i = 0; i < n && i < kAhead; ++i)
+      if (id[i] < cached) __builtin_prefetch(obj[id[i]], 1);
+  }
   for (size_t i = 0; i < n; ++i) {
-    if (i + kAhead < n && id[i + kAhead] < cached) __builtin_prefetch(obj[id[i + kAhead]], 1);
+    if constexpr (!kPrepaidIds) {
+      if (i + kAhead < n && id[i + kAhead] < cached) __builtin_prefetch(obj[id[i + kAhead]], 1);
+    }
     PyObject* v;
     if (id[i] < cached) {
       v = obj[id[i]];
-      Py_INCREF(v);
+      if constexpr (!kPrepaidIds) Py_INCREF(v);
     } else {
       v = PyLong_FromUnsignedLong(id[i]);
       if (!v) {

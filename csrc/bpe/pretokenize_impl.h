@@ -550,15 +550,15 @@ SPARROW_INLINE AsciiClasses classify64(const unsigned char* p) {
     c.high |= bits(v);
   }
 #else
+  // Without SSE2, the same classes from the Unicode tables' flags of ASCII bytes (kHigh for the rest).
   for (int j = 0; j < 64; ++j) {
     const unsigned char b = p[j];
+    const uint8_t f = kByte.f[b];
     const uint64_t bit = uint64_t{1} << j;
-    if (b >= 0x80) c.high |= bit;
-    else if ((b | 0x20) >= 'a' && (b | 0x20) <= 'z') c.letter |= bit, c.lower |= b >= 'a' ? bit : 0;
-    else if (b >= '0' && b <= '9') c.digit |= bit;
-    else if (b == ' ') c.space |= bit;
-    else if (b == '\r' || b == '\n') c.crlf |= bit;
-    else if (b >= '\t' && b <= '\r') c.tab |= bit;
+    if (f & kHigh) c.high |= bit;
+    else if (f & kLetter) c.letter |= bit, c.lower |= (f & kLowerish) ? bit : 0;
+    else if (f & kNumber) c.digit |= bit;
+    else if (f & kSpace) (b == ' ' ? c.space : is_crlf(b) ? c.crlf : c.tab) |= bit;
     else if (b == '\'') c.quote |= bit;
     else if (b == '/') c.slash |= bit;
   }
@@ -569,16 +569,6 @@ SPARROW_INLINE AsciiClasses classify64(const unsigned char* p) {
 SPARROW_INLINE unsigned ctz64(uint64_t x) { return static_cast<unsigned>(__builtin_ctzll(x)); }
 
 enum class Bulk { kCl100k, kQwen2, kO200k, kGpt2 };
-
-// The contraction at s[p] ("'" then s d m t, ll ve re; kAnyCase: in any case), as its length after the
-// "'" (0: none). s[p+1] is a letter and s[p+2] readable.
-template <bool kAnyCase>
-SPARROW_INLINE unsigned contraction_letters(const unsigned char* s) {
-  const unsigned char a = kAnyCase ? (s[1] | 0x20) : s[1], b = kAnyCase ? (s[2] | 0x20) : s[2];
-  if (a == 's' || a == 'd' || a == 'm' || a == 't') return 1;
-  if ((a == 'l' && b == 'l') || (a == 'v' && b == 'e') || (a == 'r' && b == 'e')) return 2;
-  return 0;
-}
 
 // The piece starts in s[i..i+64) as bits (bit j: i+j), i a piece start, all final; bit 0 is left out.
 // 0 when no start after i is final (a long run, a byte >= 0x80 close by): the caller takes the scalar way.
@@ -606,6 +596,11 @@ SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) 
   const uint64_t after_space = S << 1;
   uint64_t starts;
   unsigned limit = known - 3;  // so that p + 3 (a contraction's end) stays a bit of the window
+  // The letters of the contraction at the "'" at p (0: none), as the scalar patterns match it.
+  auto contraction_letters = [&](unsigned p, bool fold_case) -> unsigned {
+    const size_t e = contraction(s, n, i + p, fold_case);
+    return e ? static_cast<unsigned>(e - (i + p) - 1) : 0;
+  };
 
   if constexpr (kFamily == Bulk::kGpt2) {
     starts = ((l_start | (N & ~(N << 1)) | o_start) & ~after_space) | w_start | w_last;
@@ -613,7 +608,7 @@ SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) 
     // after them, not right after the "'".
     for (uint64_t q = c.quote & o_start & ~after_space & (l_start >> 1) & ((uint64_t{1} << limit) - 1); q; q &= q - 1) {
       const unsigned p = ctz64(q);
-      if (const unsigned k = contraction_letters<false>(s + i + p)) starts = (starts & ~(uint64_t{2} << p)) | (uint64_t{1} << (p + 1 + k));
+      if (const unsigned k = contraction_letters(p, false)) starts = (starts & ~(uint64_t{2} << p)) | (uint64_t{1} << (p + 1 + k));
     }
   } else {
     // The \r \n right after a punctuation run belong to it (o200k: and any "/" among them), and the
@@ -667,7 +662,7 @@ SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) 
       for (uint64_t q = c.quote & (L << 1) & (L >> 1) & ((uint64_t{1} << limit) - 1); q; q &= q - 1) {
         const unsigned p = ctz64(q);
         if (p == after_suffix) continue;
-        if (const unsigned k = contraction_letters<true>(s + i + p)) {
+        if (const unsigned k = contraction_letters(p, true)) {
           starts = (starts & ~(((uint64_t{2} << k) - 1) << p)) | (uint64_t{1} << (p + 1 + k));
           after_suffix = p + 1 + k;
         }
@@ -677,7 +672,7 @@ SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) 
       // as a prefix otherwise: same start, but the piece ends after the contraction).
       for (uint64_t q = c.quote & o_start & ~after_space & (l_start >> 1) & ((uint64_t{1} << limit) - 1); q; q &= q - 1) {
         const unsigned p = ctz64(q);
-        if (const unsigned k = contraction_letters<true>(s + i + p)) starts |= uint64_t{1} << (p + 1 + k);
+        if (const unsigned k = contraction_letters(p, true)) starts |= uint64_t{1} << (p + 1 + k);
       }
     }
   }

@@ -92,3 +92,30 @@ def test_no_cycle_between_subpackages():
 def test_the_checker_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_top_level_kernels_name_is_left_to_hugging_face():
+    """From a checkout's root (on sys.path under `python -m ...`), `import kernels` must not give our
+    kernels/ (that is sparrow.kernels): transformers >= 5.25 imports Hugging Face's `kernels` whenever it
+    builds a model, and failed with an ImportError on ours."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    probe = ("import kernels, sparrow.kernels\n"
+             "print(kernels.__file__)\n"
+             "print(sparrow.kernels.__file__)\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True)
+    try:
+        importlib.metadata.distribution("kernels")
+        hf_installed = True
+    except importlib.metadata.PackageNotFoundError:
+        hf_installed = False
+    if not hf_installed:
+        assert r.returncode != 0 and "No module named 'kernels'" in r.stderr, r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    top, ours = (Path(line).resolve() for line in r.stdout.split())
+    assert top != root / "kernels" / "__init__.py"
+    assert ours == root / "kernels" / "__init__.py"

@@ -997,10 +997,33 @@ struct PieceCache {
     uint8_t nids;
     uint8_t pad[2];
     unsigned char bytes[kMaxBytes];
+    // nids <= kMaxIds: the ids; more (up to kMaxBytes): ids[0..1] hold the 64-bit position of the ids
+    // in the spill ring below.
     uint32_t ids[kMaxIds];
   };
   static_assert(sizeof(Entry) == 64, "one cache line per entry");
   Entry entries[kEntries];
+
+  // The ids of cached pieces with more than kMaxIds of them: a ring of ids that the entries point into
+  // by absolute position (spill_end counts every id ever written). An entry is valid while its ids have
+  // not been overwritten, spill_end - pos <= kSpill; a piece's ids never wrap around the ring's end.
+  // Code in GPT-2's vocabulary needs it: r50k has no tokens for runs of spaces, so an indented line's
+  // "\n" + 8 spaces is 9 ids, and such pieces were BPE'd again at every occurrence.
+  static constexpr size_t kSpill = 32768;  // 128 KiB
+  uint64_t spill_end;
+  uint32_t spill[kSpill + kMaxBytes];  // slack: readers copy kMaxBytes ids at once
+  const uint32_t* spilled(const Entry& e) const {
+    uint64_t pos;
+    std::memcpy(&pos, e.ids, sizeof pos);
+    return spill_end - pos <= kSpill ? spill + pos % kSpill : nullptr;
+  }
+  void spill_into(Entry& e, const uint32_t* ids, size_t n) {
+    if (spill_end % kSpill + n > kSpill) spill_end += kSpill - spill_end % kSpill;  // no wrap-around
+    const uint64_t pos = spill_end;
+    std::memcpy(spill + pos % kSpill, ids, n * sizeof(uint32_t));
+    spill_end += n;
+    std::memcpy(e.ids, &pos, sizeof pos);
+  }
 
   // Recent merge-pair lookups, (left, right) -> (rank, merged), misses included. BPE of text in one
   // script meets the same pairs over and over ("的" is three bytes and two merges wherever it occurs);
@@ -1030,6 +1053,11 @@ struct PieceCache {
   static constexpr uint64_t kHotCountMask = uint64_t{0xFF} << 8;
   static_assert(sizeof(HotEntry) == 32, "two entries per cache line");
   HotEntry hot[kHot];
+
+  // encode_span_t writes the ids of cached pieces here and appends them to the caller's vector in
+  // bulk: a raw store per id instead of a push_back (a capacity check and a reload of the vector's end).
+  static constexpr size_t kOut = 8192;
+  uint32_t out[kOut];
 };
 
 PieceCache& thread_cache() {
@@ -1073,19 +1101,39 @@ void Encoder::bpe(const unsigned char* s, size_t n, std::vector<uint32_t>& out) 
   bpe_hashed(s, n, (whole_piece_lookup_ || !self_encoding_.empty()) ? hash_bytes(s, n) : 0, out);
 }
 
-void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::vector<uint32_t>& out) const {
+int64_t Encoder::whole_piece(const unsigned char* s, size_t n, uint64_t hash) const {
   if ((whole_piece_lookup_ || !self_encoding_.empty()) && t_->may_be_token(hash)) {
     int64_t id = t_->find_token(s, n, hash);
     // With whole-piece lookup (tiktoken) a token is its own encoding by definition; without it (HF)
     // only when BPE of its bytes gives back the token itself, which finish() worked out once per token.
-    if (id >= 0 && (whole_piece_lookup_ || self_encoding_[static_cast<size_t>(id)])) {
-      out.push_back(static_cast<uint32_t>(id));
-      return;
-    }
+    if (id >= 0 && (whole_piece_lookup_ || self_encoding_[static_cast<size_t>(id)])) return id;
+  }
+  return -1;
+}
+
+void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::vector<uint32_t>& out) const {
+  if (n <= kSmallPiece) {
+    const size_t at = out.size();
+    out.resize(at + n + 8);
+    out.resize(at + bpe_small(s, n, hash, out.data() + at));
+    return;
+  }
+  const int64_t id = whole_piece(s, n, hash);
+  if (id >= 0) {
+    out.push_back(static_cast<uint32_t>(id));
+    return;
+  }
+  bpe_large(s, n, out);
+}
+
+size_t Encoder::bpe_small(const unsigned char* s, size_t n, uint64_t hash, uint32_t* dst) const {
+  const int64_t id = whole_piece(s, n, hash);
+  if (id >= 0) {
+    dst[0] = static_cast<uint32_t>(id);
+    return 1;
   }
   // Quadratic scan over an array: for short pieces (nearly all of them) it beats any heap.
-  constexpr size_t kSmall = 96;
-  if (n > kSmall) return bpe_large(s, n, out);
+  constexpr size_t kSmall = kSmallPiece;
   uint32_t sym[kSmall];
   uint32_t rank[kSmall];  // rank[i]: pair (sym[i], sym[i+1])
   uint32_t merged[kSmall];
@@ -1128,7 +1176,7 @@ void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::v
     ++i;
   }
   const Tables& t = *t_;
-  if (m == 0) return;
+  if (m == 0) return 0;
   PieceCache& cache = thread_cache();
   if (cache.pair_owner != uid_) {
     for (auto& pe : cache.pairs) pe.key = ~0ull;
@@ -1175,7 +1223,9 @@ void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::v
     if (bi > 0) look(bi - 1);
     if (bi + 1 < m) look(bi);
   }
-  out.insert(out.end(), sym, sym + m);
+  // In blocks of 8 (a call to memcpy costs more than the copy); dst has room for n + 8.
+  for (size_t i = 0; i < m; i += 8) std::memcpy(dst + i, sym + i, 8 * sizeof(uint32_t));
+  return m;
 }
 
 // O(n log n) BPE for long pieces (a megabyte of one letter is a single piece): a heap of candidate
@@ -1232,6 +1282,19 @@ namespace {
 struct HotKey {
   uint64_t w0, w1;
 };
+// hot_key's masks by length: the low len bytes of the two words.
+struct HotMasks {
+  uint64_t lo[17], hi[17];
+};
+constexpr HotMasks make_hot_masks() {
+  HotMasks m{};
+  for (size_t len = 0; len <= 16; ++len) {
+    m.lo[len] = len >= 8 ? ~uint64_t{0} : (uint64_t{1} << (8 * len)) - 1;
+    m.hi[len] = len <= 8 ? 0 : len == 16 ? ~uint64_t{0} : (uint64_t{1} << (8 * (len - 8))) - 1;
+  }
+  return m;
+}
+constexpr HotMasks kHotMasks = make_hot_masks();
 SPARROW_INLINE HotKey hot_key(const unsigned char* s, size_t n, size_t i, size_t len) {
   HotKey k;
   if (i + 16 <= n) {
@@ -1243,10 +1306,10 @@ SPARROW_INLINE HotKey hot_key(const unsigned char* s, size_t n, size_t i, size_t
     k.w0 = load64(buf);
     k.w1 = load64(buf + 8);
   }
-  // Masks without a branch on the length (pieces of under and over 8 bytes alternate unpredictably).
-  const size_t lo = len < 8 ? len : 8;
-  k.w0 &= ~uint64_t{0} >> (64 - 8 * lo);
-  k.w1 &= len > 8 ? ~uint64_t{0} >> (128 - 8 * len) : 0;
+  // Masks from a table, without a branch on the length (pieces of under and over 8 bytes alternate
+  // unpredictably).
+  k.w0 &= kHotMasks.lo[len];
+  k.w1 &= kHotMasks.hi[len];
   return k;
 }
 SPARROW_INLINE size_t hot_slot(const HotKey& k, size_t len) {
@@ -1264,91 +1327,69 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
   const bool lookup = whole_piece_lookup_ || !self_encoding_.empty();
   auto cacheable = [](size_t len) { return len >= 2 && len <= PieceCache::kMaxBytes; };
   auto set_of = [&](uint64_t h) { return &cache.entries[(h >> 20) & (PieceCache::kEntries - 2)]; };
-  // Batches of pieces: the pre-tokenizer splits off up to kBatch pieces, hashing each and prefetching
-  // its cache set, before any of them is looked up. The cache (4 MiB) lives in L3, or DRAM when other
-  // processes crowd the L3; with a batch in flight those misses overlap instead of adding up.
-  // 32 rather than 16: the prefetches get twice the time to land (cold CPU MB/s, cl100k: prose ~+5%, code ~+9%);
-  // 64 gained nothing more.
-  constexpr size_t kBatch = 32;
-  size_t bounds[kBatch + 1];
-  uint64_t hashes[kBatch];
-  // Per piece of the batch: the hot-table id when the piece was found there (hot_hit), else its slot
-  // in the hot table (kNoHot when longer than 16 bytes), to fill once its ids are known.
+  // The ids of cached pieces go to cache.out first (see PieceCache::out); BPE appends to `out` itself,
+  // after what is buffered.
+  uint32_t* const buf = cache.out;
+  size_t nbuf = 0;
+  auto flush = [&] {
+    out.insert(out.end(), buf, buf + nbuf);
+    nbuf = 0;
+  };
+  // A piece found in the hot table (most pieces, once the text has been seen) goes straight to the
+  // buffer. The first one that is not starts a queue: it and the pieces after it, up to kQueue of them,
+  // are split off (each that missed the hot table hashed and its cache set prefetched) before any is
+  // looked up. The piece cache (4 MiB) lives in L3, or DRAM when other processes crowd the L3; with a
+  // queue in flight those misses overlap instead of adding up. (16 and 32 timed the same, cold and warm;
+  // 16 runs fewer hot-table hits through the queue.)
+  constexpr size_t kQueue = 16;
+  size_t bounds[kQueue + 1];
+  uint64_t hashes[kQueue];
+  // Per queued piece: its number of ids when it was found in the hot table (hot_n, with the ids in
+  // hot_ids), else 0 and its slot in the hot table (kNoHot when longer than 16 bytes), to fill once its
+  // ids are known.
   constexpr uint32_t kNoHot = ~0u;
-  uint32_t hot_ids[kBatch][2];
-  bool hot_two[kBatch];
-  uint32_t hot_slots[kBatch];
-  bool hot_hit[kBatch];
-  HotKey hot_keys[kBatch];
-  Splitter<P> split(s, n);
-  size_t i = 0;
-  while (i < n) {
-    size_t k = 0;
-    bounds[0] = i;
-    while (k < kBatch && i < n) {
-      const size_t e = split.next(i);
-      const size_t len = e - i;
-      hot_hit[k] = false;
-      hot_slots[k] = kNoHot;
-      if (len <= 16) {
-        const HotKey key = hot_key(s, n, i, len);
-        const size_t slot = hot_slot(key, len);
-        const PieceCache::HotEntry& he = cache.hot[slot];
-        if (he.w0 == key.w0 && he.w1 == key.w1 && (he.tag & ~PieceCache::kHotCountMask) == (hot_tag | len)) {
-          hot_hit[k] = true;
-          hot_ids[k][0] = he.ids[0];
-          hot_ids[k][1] = he.ids[1];
-          hot_two[k] = (he.tag & PieceCache::kHotCountMask) == (uint64_t{2} << 8);
-          i = e;
-          bounds[++k] = e;
-          continue;
-        }
-        hot_slots[k] = static_cast<uint32_t>(slot);
-        hot_keys[k] = key;
-      }
-      if (cacheable(len)) {
-        const uint64_t h = hash_bytes(s + i, e - i);
-        const PieceCache::Entry* set = set_of(h);
-        __builtin_prefetch(set);
-        __builtin_prefetch(set + 1);
-        // Not in the hot table: on cold text the piece is likely new, and its token-filter word and
-        // token-table slot are DRAM misses; fetch both now (no load here depends on them).
-        if (lookup) {
-          t_->prefetch_filter(h);
-          t_->prefetch_token(h);
-        }
-        hashes[k] = h;
-      }
-      i = e;
-      bounds[++k] = e;
-    }
-    // Remembers a piece of up to 16 bytes with one or two ids in the hot table.
-    auto remember = [&](size_t q, size_t len, const uint32_t* ids, size_t nids) {
-      if (hot_slots[q] == kNoHot || nids == 0 || nids > 2) return;
-      PieceCache::HotEntry& he = cache.hot[hot_slots[q]];
-      he.w0 = hot_keys[q].w0;
-      he.w1 = hot_keys[q].w1;
-      he.tag = hot_tag | (static_cast<uint64_t>(nids) << 8) | len;
-      he.ids[0] = ids[0];
-      he.ids[1] = nids == 2 ? ids[1] : 0;
-    };
+  uint32_t hot_ids[kQueue][2];
+  uint8_t hot_n[kQueue];
+  uint32_t hot_slots[kQueue];
+  HotKey hot_keys[kQueue];
+  size_t k = 0;  // queued pieces
+  // Remembers a piece of up to 16 bytes with one or two ids in the hot table.
+  auto remember = [&](size_t q, size_t len, const uint32_t* ids, size_t nids) {
+    if (hot_slots[q] == kNoHot || nids == 0 || nids > 2) return;
+    PieceCache::HotEntry& he = cache.hot[hot_slots[q]];
+    he.w0 = hot_keys[q].w0;
+    he.w1 = hot_keys[q].w1;
+    he.tag = hot_tag | (static_cast<uint64_t>(nids) << 8) | len;
+    he.ids[0] = ids[0];
+    he.ids[1] = nids == 2 ? ids[1] : 0;
+  };
+  auto resolve = [&] {
     for (size_t q = 0; q < k; ++q) {
-      if (hot_hit[q]) {
-        out.push_back(hot_ids[q][0]);
-        if (hot_two[q]) out.push_back(hot_ids[q][1]);
+      if (hot_n[q]) {
+        // Both ids are copied; the count says how many of them stand.
+        if (nbuf + 2 > PieceCache::kOut) flush();
+        std::memcpy(buf + nbuf, hot_ids[q], sizeof hot_ids[q]);
+        nbuf += hot_n[q];
         continue;
       }
       const unsigned char* p = s + bounds[q];
       const size_t len = bounds[q + 1] - bounds[q];
+      // Room for the most any piece below writes: bpe_small's kSmallPiece + 8 (a cache hit: kMaxBytes).
+      if (nbuf + kSmallPiece + 8 > PieceCache::kOut) flush();
       if (len == 1) {
         if (byte_present_[p[0]]) {
-          out.push_back(byte_id_[p[0]]);
+          buf[nbuf++] = byte_id_[p[0]];
           remember(q, 1, &byte_id_[p[0]], 1);
         }
         continue;
       }
       if (!cacheable(len)) {
-        bpe(p, len, out);
+        if (len <= kSmallPiece) {
+          nbuf += bpe_small(p, len, lookup ? hash_bytes(p, len) : 0, buf + nbuf);
+        } else {
+          flush();
+          bpe(p, len, out);
+        }
         continue;
       }
       const uint64_t ph = hashes[q];
@@ -1362,32 +1403,93 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
         hit = &set[1];
       }
       if (hit) {
-        if (hit->nids == 1) {
-          out.push_back(hit->ids[0]);
-        } else {
-          out.insert(out.end(), hit->ids, hit->ids + hit->nids);
+        const uint32_t* ids = hit->nids <= PieceCache::kMaxIds ? hit->ids : cache.spilled(*hit);
+        if (ids) {
+          // A fixed number of ids whatever the count (a memcpy call costs more than the copy; the ring
+          // has slack for it).
+          std::memcpy(buf + nbuf, ids, PieceCache::kMaxIds * sizeof(uint32_t));
+          if (hit->nids > PieceCache::kMaxIds)
+            std::memcpy(buf + nbuf + PieceCache::kMaxIds, ids + PieceCache::kMaxIds,
+                        (PieceCache::kMaxBytes - PieceCache::kMaxIds) * sizeof(uint32_t));
+          nbuf += hit->nids;
+          remember(q, len, ids, hit->nids);
+          continue;
         }
-        remember(q, len, hit->ids, hit->nids);
-        continue;
       }
+      // A miss, or a spilled piece whose ids the ring has overwritten (it goes to way 0 again).
       PieceCache::Entry& entry = set[0];
-      if (entry.owner) set[1] = entry;
-      const size_t before = out.size();
-      bpe_hashed(p, len, ph, out);
-      const size_t produced = out.size() - before;
-      remember(q, len, out.data() + before, produced);
-      if (produced <= PieceCache::kMaxIds) {
-        entry.hash = ph;
-        entry.owner = uid_;
-        entry.len = static_cast<uint8_t>(len);
-        entry.nids = static_cast<uint8_t>(produced);
-        std::memcpy(entry.ids, out.data() + before, produced * sizeof(uint32_t));
-        std::memcpy(entry.bytes, p, len);
+      if (entry.owner && hit != &set[0]) set[1] = entry;
+      const uint32_t* ids = buf + nbuf;
+      const size_t produced = bpe_small(p, len, ph, buf + nbuf);
+      nbuf += produced;
+      remember(q, len, ids, produced);
+      // BPE gives at most one id per byte, so every cacheable piece fits (inline or spilled).
+      entry.hash = ph;
+      entry.owner = uid_;
+      entry.len = static_cast<uint8_t>(len);
+      entry.nids = static_cast<uint8_t>(produced);
+      if (len <= 16) {
+        std::memcpy(entry.bytes, &hot_keys[q], 16);  // the piece's bytes, zero-padded
       } else {
-        entry.owner = 0;
+        std::memcpy(entry.bytes, p, len);
+      }
+      if (produced <= PieceCache::kMaxIds) {
+        std::memcpy(entry.ids, ids, PieceCache::kMaxIds * sizeof(uint32_t));
+      } else {
+        cache.spill_into(entry, ids, produced);
       }
     }
+    k = 0;
+  };
+  Splitter<P> split(s, n);
+  size_t i = 0;
+  while (i < n) {
+    const size_t e = split.next(i);
+    const size_t len = e - i;
+    if (len <= 16) {
+      const HotKey key = hot_key(s, n, i, len);
+      const size_t slot = hot_slot(key, len);
+      const PieceCache::HotEntry& he = cache.hot[slot];
+      if (he.w0 == key.w0 && he.w1 == key.w1 && (he.tag & ~PieceCache::kHotCountMask) == (hot_tag | len)) {
+        if (k == 0) {
+          if (nbuf + 2 > PieceCache::kOut) flush();
+          std::memcpy(buf + nbuf, he.ids, sizeof he.ids);
+          nbuf += static_cast<uint8_t>(he.tag >> 8);
+        } else {
+          std::memcpy(hot_ids[k], he.ids, sizeof he.ids);
+          hot_n[k] = static_cast<uint8_t>(he.tag >> 8);
+          bounds[++k] = e;
+          if (k == kQueue) resolve();
+        }
+        i = e;
+        continue;
+      }
+      hot_slots[k] = static_cast<uint32_t>(slot);
+      hot_keys[k] = key;
+    } else {
+      hot_slots[k] = kNoHot;
+    }
+    hot_n[k] = 0;
+    if (cacheable(len)) {
+      const uint64_t h = hash_bytes(s + i, len);
+      const PieceCache::Entry* set = set_of(h);
+      __builtin_prefetch(set);
+      __builtin_prefetch(set + 1);
+      // Not in the hot table: on cold text the piece is likely new, and its token-filter word and
+      // token-table slot are DRAM misses; fetch both now (no load here depends on them).
+      if (lookup) {
+        t_->prefetch_filter(h);
+        t_->prefetch_token(h);
+      }
+      hashes[k] = h;
+    }
+    if (k == 0) bounds[0] = i;
+    bounds[++k] = e;
+    if (k == kQueue) resolve();
+    i = e;
   }
+  resolve();
+  flush();
 }
 
 void Encoder::encode_span(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {

@@ -105,8 +105,14 @@ class Encoder {
   // Splits out the added tokens of `mask` (leftmost-longest) and encodes the text between them.
   void encode_added(std::string_view seg, const std::vector<char>& mask, bool any, std::vector<uint32_t>& out) const;
   void bpe(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const;
-  // `hash` is hash_bytes(s, n) (only read when whole_piece_lookup_).
+  // `hash` is hash_bytes(s, n) (only read when whole_piece_lookup_ or self_encoding_ is set).
   void bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::vector<uint32_t>& out) const;
+  // Pieces up to kSmallPiece bytes: BPE over arrays on the stack, writing at most n ids to dst; returns
+  // how many. Longer ones go to bpe_large.
+  static constexpr size_t kSmallPiece = 96;
+  size_t bpe_small(const unsigned char* s, size_t n, uint64_t hash, uint32_t* dst) const;
+  // The piece's own id where it stands for itself (whole-piece lookup), else -1.
+  int64_t whole_piece(const unsigned char* s, size_t n, uint64_t hash) const;
   void bpe_large(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const;
   // Leftmost-longest special-token match at or after `from`: (position, special index) or (npos, 0).
   std::pair<size_t, size_t> find_special(std::string_view text, size_t from, const std::vector<char>& usable) const;

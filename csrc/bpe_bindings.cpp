@@ -33,6 +33,8 @@ namespace {
 // Texts at least this long are encoded without the GIL (other Python threads run meanwhile); for
 // shorter ones releasing and re-taking it would cost more than the encode.
 constexpr size_t kReleaseGilBytes = 2048;
+// encode_ordinary's reused output keeps up to this many ids (4 MiB) of capacity between calls.
+constexpr size_t kKeptIds = size_t{1} << 20;
 
 // UTF-8 view of a Python str without copying (CPython caches it in the object). Lone surrogates make
 // CPython raise UnicodeEncodeError, which propagates as is.
@@ -337,16 +339,20 @@ PYBIND11_MODULE(_bpe, m) {
           }, py::arg("contents"), py::arg("pattern"), py::arg("special_tokens"))
       .def("encode_ordinary", [](const Encoder& e, py::handle text) {
             std::string_view s = utf8_view(text);
-            std::vector<uint32_t> out;
-            out.reserve(s.size() / 3 + 4);
+            // One output vector per thread, reused: no allocation per call for the many short texts of
+            // a per-document loop. Released again after a call that made it large.
+            static thread_local std::vector<uint32_t> out;
+            out.clear();
             if (s.size() >= kReleaseGilBytes) {
               py::gil_scoped_release nogil;
               e.encode_ordinary(s, out);
             } else {
               e.encode_ordinary(s, out);
             }
-            return to_list(out);
-          }, py::arg("text"))
+            py::list ids = to_list(out);
+            if (out.capacity() > kKeptIds) std::vector<uint32_t>().swap(out);
+            return ids;
+          }, py::arg("text"), "Token ids of text, special-token text encoded as ordinary text.")
       .def("encode", [](const Encoder& e, py::handle text, const std::vector<bool>& allowed, bool check_disallowed) {
             std::string_view s = utf8_view(text);
             std::vector<char> mask = mask_from(e, allowed);

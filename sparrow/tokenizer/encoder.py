@@ -81,6 +81,10 @@ class Tokenizer:
         # tokenizer.json's normalizer ("" or "NFC", e.g. Qwen2/3), applied here before the C++ encoder.
         self._normalizer = native.normalizer
         self._added_texts = [text for text, _id, _special in specials]
+        if not self._normalizer:
+            # Without a normalizer the native method is all of encode_ordinary: the instance calls it
+            # directly, ~100 ns a call less (thousands of calls when each document is its own call).
+            self.encode_ordinary = native.encode_ordinary
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod

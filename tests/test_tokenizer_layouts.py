@@ -20,7 +20,7 @@ from hypothesis import strategies as st  # noqa: E402
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
 from sparrow.tokenizer import Tokenizer  # noqa: E402
-from test_tokenizer_encoder import EDGE_CASES, TEXT, assert_pretokenizer_matches_regex, corpus_samples  # noqa: E402
+from test_tokenizer_encoder import BULK_PARTS, EDGE_CASES, TEXT, assert_pretokenizer_matches_regex, corpus_samples  # noqa: E402
 
 from sparrow.tokenizer.reference import DEEPSEEK_V3_SPLITS as DEEPSEEK_V3  # noqa: E402
 from sparrow.tokenizer.reference import LLAMA3_SPLIT as LLAMA3  # noqa: E402
@@ -208,12 +208,27 @@ DEEPSEEK_CHARS = st.sampled_from(list("aZé \n\r\t.,'(\"-_1239#$") + [
     "你", "カ", "・", "゛", "\u3099", "\u0301", "\u200d", "\x00", "½", "😀", "\u00a0", "\u3000", "ー", "。", "Ω", "€", "゠"])
 
 
+def assert_deepseek_v3_matches_hf(text):
+    from sparrow import _bpe
+
+    splits = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated") for r in DEEPSEEK_V3])
+    assert _bpe.pretokenize(text, "deepseek_v3") == [p for p, _ in splits.pre_tokenize_str(text)]
+
+
 @settings(max_examples=400, deadline=None)
 @given(text=st.one_of(TEXT, st.lists(DEEPSEEK_CHARS, max_size=16).map("".join)))
 def test_deepseek_v3_pretokenizer_matches_hf(text):
     """The one-pass DeepSeek-V3 splitter gives the pieces of HF's three Splits in sequence, CJK-range runs
     holding punctuation (・, ゠) and marks (゛) included."""
-    from sparrow import _bpe
+    assert_deepseek_v3_matches_hf(text)
 
-    splits = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated") for r in DEEPSEEK_V3])
-    assert _bpe.pretokenize(text, "deepseek_v3") == [p for p, _ in splits.pre_tokenize_str(text)]
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.lists(st.sampled_from(BULK_PARTS + ["(x", "_ab", "\x01b", " \x01b", "\x01\x01", "  1", "\n  1", "\t(b",
+                                                   ".(b", "(\n(b", "x\x7f"]),
+                     min_size=1, max_size=150).map("".join))
+def test_deepseek_v3_bulk_scan_matches_hf(text):
+    """Long texts of the classes DeepSeek-V3's bulk scan tells apart (windows of 64 bytes at every offset):
+    controls as prefixes and as unmatched text, punctuation taking the letters after it, whitespace
+    before a digit."""
+    assert_deepseek_v3_matches_hf(text)

@@ -523,8 +523,10 @@ SPARROW_INLINE size_t next(Pattern p, const unsigned char* s, size_t n, size_t i
 // result with the regexes on long random texts of these classes (hypothesis) and on real text.
 struct AsciiClasses {
   uint64_t letter, lower, digit, space, tab, crlf, quote, slash, high;
+  uint64_t ctrl;  // bytes below 0x20 and 0x7F, \s among them (only with kCtrl)
 };
 
+template <bool kCtrl = false>
 SPARROW_INLINE AsciiClasses classify64(const unsigned char* p) {
   AsciiClasses c{};
 #if defined(__SSE2__) && defined(__GNUC__)
@@ -548,6 +550,8 @@ SPARROW_INLINE AsciiClasses classify64(const unsigned char* p) {
     c.slash |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8('/')));
     c.lower |= bits(_mm_cmplt_epi8(_mm_sub_epi8(v, a_bias), lim26));
     c.high |= bits(v);
+    if constexpr (kCtrl)  // signed: bytes >= 0x80 are below 0x20 too; they end the window anyway
+      c.ctrl |= bits(_mm_or_si128(_mm_cmplt_epi8(v, _mm_set1_epi8(0x20)), _mm_cmpeq_epi8(v, _mm_set1_epi8(0x7F))));
   }
 #else
   // Without SSE2, the same classes from the Unicode tables' flags of ASCII bytes (kHigh for the rest).
@@ -561,6 +565,7 @@ SPARROW_INLINE AsciiClasses classify64(const unsigned char* p) {
     else if (f & kSpace) (b == ' ' ? c.space : is_crlf(b) ? c.crlf : c.tab) |= bit;
     else if (b == '\'') c.quote |= bit;
     else if (b == '/') c.slash |= bit;
+    if (kCtrl && (b < 0x20 || b == 0x7F)) c.ctrl |= bit;
   }
 #endif
   return c;
@@ -568,21 +573,22 @@ SPARROW_INLINE AsciiClasses classify64(const unsigned char* p) {
 
 SPARROW_INLINE unsigned ctz64(uint64_t x) { return static_cast<unsigned>(__builtin_ctzll(x)); }
 
-enum class Bulk { kCl100k, kQwen2, kO200k, kGpt2 };
+enum class Bulk { kCl100k, kQwen2, kO200k, kGpt2, kDeepSeekV3 };
 
 // The piece starts in s[i..i+64) as bits (bit j: i+j), i a piece start, all final; bit 0 is left out.
 // 0 when no start after i is final (a long run, a byte >= 0x80 close by): the caller takes the scalar way.
 template <Bulk kFamily>
 SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) {
+  constexpr bool kCtrl = kFamily == Bulk::kDeepSeekV3;
   AsciiClasses c;
   unsigned known = 64;  // bytes of the window that are text
   if (i + 64 <= n) {
-    c = classify64(s + i);
+    c = classify64<kCtrl>(s + i);
   } else {
     unsigned char buf[64] = {};
     known = static_cast<unsigned>(n - i);
     std::memcpy(buf, s + i, known);
-    c = classify64(buf);
+    c = classify64<kCtrl>(buf);
   }
   if (c.high) known = std::min(known, ctz64(c.high));
   if (known < 4) return 0;
@@ -602,7 +608,53 @@ SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) 
     return e ? static_cast<unsigned>(e - (i + p) - 1) : 0;
   };
 
-  if constexpr (kFamily == Bulk::kGpt2) {
+  // Digits in groups of 3 (Qwen2: 1) from the start of their run.
+  auto digit_groups = [&] {
+    uint64_t group = N & ~(N << 1);
+    if constexpr (kFamily == Bulk::kQwen2) {
+      group = N;
+    } else {
+      for (uint64_t g = group; g;) {
+        g = (g << 3) & N & (N << 1) & (N << 2);
+        group |= g;
+      }
+    }
+    return group;
+  };
+  // After the last \r \n of a whitespace run: a run of U after an R is the run's tail when what follows
+  // it is not R (rare enough per window for a loop). `skip`: R runs absorbed by the punctuation before.
+  auto tails_after_newlines = [&](uint64_t skip) {
+    for (uint64_t cand = U & ~(U << 1) & (R << 1) & ~skip; cand; cand &= cand - 1) {
+      const unsigned p = ctz64(cand);
+      const unsigned e = p + ctz64(~(U >> p));  // the end of the U run (64 when it reaches the window's end)
+      if (e >= known) {
+        limit = std::min(limit, p);
+        break;
+      }
+      if (!((R >> e) & 1)) starts |= uint64_t{1} << p;
+    }
+  };
+
+  if constexpr (kFamily == Bulk::kDeepSeekV3) {
+    // Split 1 makes each group of 3 digits a segment and split 3 runs in the gaps between, as if each
+    // were the whole text; on ASCII it differs from the cl100k family in four places. A control
+    // character (C: below 0x20 or 0x7F, not \s) is neither punctuation nor \s: only the word
+    // alternative takes it, as the prefix of a letter run (even after a space); elsewhere it is
+    // unmatched text, a piece up to the next match. A single punctuation character that starts a piece
+    // takes the letters after it ([P][A-Za-z]+). There are no contractions. A whitespace run right before
+    // a digit ends its gap, so \s+(?!\S) takes all of it.
+    const uint64_t C = c.ctrl & seen & ~W;
+    const uint64_t P = O & ~C;
+    const uint64_t p_start = P & ~(P << 1);
+    const uint64_t absorbed_start = R & (P << 1);  // \r \n right after a punctuation run belong to it
+    const uint64_t after_absorbed = (R + absorbed_start) & ~R & seen;
+    const uint64_t absorbed = R & ~(R + absorbed_start);
+    const uint64_t prefix = (l_start >> 1) & (U | C | (p_start & ~after_space));
+    starts = prefix | (l_start & ~(prefix << 1)) | digit_groups() | (p_start & ~after_space) | (C & ~(C << 1));
+    starts |= (w_start & ~absorbed) | after_absorbed | (w_last & U & ~(N >> 1));
+    starts &= ~absorbed;
+    tails_after_newlines(after_absorbed);
+  } else if constexpr (kFamily == Bulk::kGpt2) {
     starts = ((l_start | (N & ~(N << 1)) | o_start) & ~after_space) | w_start | w_last;
     // Contractions (lower case) at a "'" that starts a piece before a letter: the letter run then starts
     // after them, not right after the "'".
@@ -629,32 +681,12 @@ SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) 
     const uint64_t prefix = (l_start >> 1) & (U | (o_start & ~after_space));
     starts = prefix | (l_start & ~(prefix << 1));
     if constexpr (kFamily == Bulk::kO200k) starts |= L & ~c.lower & (c.lower << 1);  // aB: a | B
-    // Digits in groups of 3 (Qwen2: 1) from the start of their run.
-    uint64_t group = N & ~(N << 1);
-    if constexpr (kFamily == Bulk::kQwen2) {
-      group = N;
-    } else {
-      for (uint64_t g = group; g;) {
-        g = (g << 3) & N & (N << 1) & (N << 2);
-        group |= g;
-      }
-    }
-    starts |= group;
+    starts |= digit_groups();
     // Punctuation runs, unless a space before them starts the piece.
     starts |= o_start & ~after_space;
     starts |= (w_start & ~absorbed) | after_absorbed | (w_last & U);
     starts &= ~absorbed;
-    // After the last \r \n of a whitespace run: a run of U after an R is the run's tail when what
-    // follows it is not R (rare enough per window for a loop).
-    for (uint64_t cand = U & ~(U << 1) & (R << 1) & ~after_absorbed; cand; cand &= cand - 1) {
-      const unsigned p = ctz64(cand);
-      const unsigned e = p + ctz64(~(U >> p));  // the end of the U run (64 when it reaches the window's end)
-      if (e >= known) {
-        limit = std::min(limit, p);
-        break;
-      }
-      if (!((R >> e) & 1)) starts |= uint64_t{1} << p;
-    }
+    tails_after_newlines(after_absorbed);
     if constexpr (kFamily == Bulk::kO200k) {
       // A contraction right after a word is its suffix: no piece starts at the "'" or inside it. (Not
       // right after another suffix: "it's's" is "it's" then the word "'s".)
@@ -698,7 +730,7 @@ struct Splitter {
   Splitter(const unsigned char* text, size_t size) : s(text), n(size) {}
 
   SPARROW_INLINE size_t next(size_t i) {
-    if constexpr (P != Pattern::kDeepSeekV3) {
+    {
       if (pending) {
         const size_t e = base + piece::ctz64(pending);
         pending &= pending - 1;
@@ -713,6 +745,7 @@ struct Splitter {
         constexpr piece::Bulk kFamily = P == Pattern::kQwen2  ? piece::Bulk::kQwen2
                                         : P == Pattern::kO200k ? piece::Bulk::kO200k
                                         : P == Pattern::kGpt2  ? piece::Bulk::kGpt2
+                                        : P == Pattern::kDeepSeekV3 ? piece::Bulk::kDeepSeekV3
                                                                : piece::Bulk::kCl100k;
         if (const uint64_t m = piece::bulk_starts<kFamily>(s, n, i)) {
           base = i;

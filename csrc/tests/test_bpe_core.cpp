@@ -213,12 +213,13 @@ void test_three_byte_flags() {
 
 
 // The bulk scan's byte classes (SSE2 range compares) are the Unicode tables' classes of ASCII: letter,
-// digit, White_Space split into space / \r \n / the rest, and "other" for the remaining bytes.
+// digit, White_Space split into space / \r \n / the rest, and "other" for the remaining bytes; for
+// DeepSeek-V3, "other" splits into controls (neither \p{P}/\p{S} nor White_Space) and punctuation.
 void test_bulk_scan_classes() {
   for (unsigned base = 0; base < 256; base += 64) {
     unsigned char window[64];
     for (unsigned j = 0; j < 64; ++j) window[j] = static_cast<unsigned char>(base + j);
-    const piece::AsciiClasses c = piece::classify64(window);
+    const piece::AsciiClasses c = piece::classify64<true>(window);
     for (unsigned j = 0; j < 64; ++j) {
       const unsigned b = base + j;
       const uint64_t bit = uint64_t{1} << j;
@@ -232,6 +233,8 @@ void test_bulk_scan_classes() {
       CHECK(((c.crlf & bit) != 0) == (b == '\r' || b == '\n'));
       CHECK(((c.space & bit) != 0) == (b == ' '));
       CHECK(((c.quote & bit) != 0) == (b == '\''));
+      const bool other = !(f & (kLetter | kNumber | kSpace));
+      CHECK((other && (c.ctrl & bit)) == (other && !(f & kPunctSym)));
     }
   }
 }

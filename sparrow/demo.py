@@ -80,10 +80,18 @@ def scaled_steps(minutes: float | None) -> dict[str, int]:
 
 def learning_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The demo's claims, each with the figures it compares: SFT raises exact match over the pretrained model
-    (either way of prompting it); DPO raises preference accuracy and margin over SFT and keeps exact match."""
+    (either way of prompting it); DPO raises preference accuracy and margin over SFT and keeps exact match (within
+    sampling noise)."""
     stage = {r["stage"]: r for r in rows}
     pre, sft, dpo = stage["pretrain"], stage["sft"], stage["dpo"]
     pre_em = max(pre["exact_match_raw_prompt"], pre["exact_match_chat"])
+    # Exact match on n held-out items moves by a few items with nothing changed but the CPU the weights were
+    # trained on (floating-point order: the default demo's SFT -> DPO exact match was 0.040 -> 0.043 on the
+    # machine of README's table, 0.057 -> 0.043 on an Intel Xeon host, 300 items each): "not lower" allows
+    # two standard errors of the difference of the two proportions. Rows without the item count get none.
+    n = dpo.get("exact_match_items") or 0
+    p, q = sft["exact_match_chat"], dpo["exact_match_chat"]
+    noise = 2 * math.sqrt((p * (1 - p) + q * (1 - q)) / n) if n else 0.0
     checks = [
         ("SFT raises exact match over the pretrained model", sft["exact_match_chat"] > pre_em,
          f"{pre_em:.3f} -> {sft['exact_match_chat']:.3f}"),
@@ -91,8 +99,9 @@ def learning_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
          f"{sft['preference_accuracy']:.3f} -> {dpo['preference_accuracy']:.3f}"),
         ("DPO raises the chosen-rejected margin over SFT", dpo["preference_margin"] > sft["preference_margin"],
          f"{sft['preference_margin']:.3f} -> {dpo['preference_margin']:.3f}"),
-        ("DPO does not lower exact match", dpo["exact_match_chat"] >= sft["exact_match_chat"],
-         f"{sft['exact_match_chat']:.3f} -> {dpo['exact_match_chat']:.3f}"),
+        ("DPO does not lower exact match beyond noise", dpo["exact_match_chat"] >= sft["exact_match_chat"] - noise,
+         f"{sft['exact_match_chat']:.3f} -> {dpo['exact_match_chat']:.3f}"
+         + (f" (allowed drop {noise:.3f}: 2 standard errors on {n} items)" if n else "")),
     ]
     if "grpo" in stage:
         grpo = stage["grpo"]
@@ -302,7 +311,7 @@ def run_demo(out: str | Path = "runs/demo", *, pretrain_steps: int = 240, sft_st
         {"stage": "sft", "loss": _loss_tail(sft), "val_ppl": _val_ppl(sft), "exact_match_chat": ev_sft["exact_match"],
          "typed_answer_chat": ev_sft["typed_answer"], "preference_accuracy": ev_sft["preference"]["preference_accuracy"],
          "preference_margin": ev_sft["preference"]["margin"]},
-        {"stage": "dpo", "loss": _loss_tail(dpo), "exact_match_chat": ev_dpo["exact_match"],
+        {"stage": "dpo", "loss": _loss_tail(dpo), "exact_match_chat": ev_dpo["exact_match"], "exact_match_items": ev_dpo["n"],
          "typed_answer_chat": ev_dpo["typed_answer"], "preference_accuracy": ev_dpo["preference"]["preference_accuracy"],
          "preference_margin": ev_dpo["preference"]["margin"], "implicit_reward_accuracy": implicit["preference_accuracy"],
          "implicit_reward_margin": implicit["margin"]},

@@ -490,7 +490,7 @@ SPARROW_INLINE size_t next(Pattern p, const unsigned char* s, size_t n, size_t i
 }
 
 
-// ---- Bulk piece starts on ASCII text: the cl100k family (cl100k, Llama-3, Qwen2), o200k, GPT-2 ----
+// ---- Bulk piece starts on ASCII text: the cl100k family (cl100k, Llama-3, Qwen2), o200k, GPT-2, DeepSeek-V3 ----
 //
 // On ASCII the regexes' choices depend on a few neighbouring characters only, so the starts of every
 // piece in a 64-byte window can be computed from bit masks of the bytes' classes, without a branch per
@@ -718,7 +718,7 @@ SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) 
 namespace sparrow::bpe {
 
 // Splits s[0..n) piece by piece: next(i) is the end of the piece starting at i, the end that the call
-// before returned (0 first). Every pattern but DeepSeek-V3's takes its pieces 64 bytes at a time where
+// before returned (0 first). Every pattern takes its pieces 64 bytes at a time where
 // the text is ASCII (bulk_starts), the rest one piece at a time.
 template <Pattern P>
 struct Splitter {
@@ -730,28 +730,26 @@ struct Splitter {
   Splitter(const unsigned char* text, size_t size) : s(text), n(size) {}
 
   SPARROW_INLINE size_t next(size_t i) {
-    {
-      if (pending) {
-        const size_t e = base + piece::ctz64(pending);
-        pending &= pending - 1;
-        return e;
-      }
-      // A byte >= 0x80 among the next 8 leaves the window too little to decide (Chinese text meets one
-      // at nearly every ASCII piece): the scalar way, without classifying 64 bytes for nothing.
-      uint64_t head;
-      if (i + 8 <= n) std::memcpy(&head, s + i, 8);
-      else head = s[i];
-      if (!(head & 0x8080808080808080ull)) {
-        constexpr piece::Bulk kFamily = P == Pattern::kQwen2  ? piece::Bulk::kQwen2
-                                        : P == Pattern::kO200k ? piece::Bulk::kO200k
-                                        : P == Pattern::kGpt2  ? piece::Bulk::kGpt2
-                                        : P == Pattern::kDeepSeekV3 ? piece::Bulk::kDeepSeekV3
-                                                               : piece::Bulk::kCl100k;
-        if (const uint64_t m = piece::bulk_starts<kFamily>(s, n, i)) {
-          base = i;
-          pending = m & (m - 1);
-          return i + piece::ctz64(m);
-        }
+    if (pending) {
+      const size_t e = base + piece::ctz64(pending);
+      pending &= pending - 1;
+      return e;
+    }
+    // A byte >= 0x80 among the next 8 leaves the window too little to decide (Chinese text meets one
+    // at nearly every ASCII piece): the scalar way, without classifying 64 bytes for nothing.
+    uint64_t head;
+    if (i + 8 <= n) std::memcpy(&head, s + i, 8);
+    else head = s[i];
+    if (!(head & 0x8080808080808080ull)) {
+      constexpr piece::Bulk kFamily = P == Pattern::kQwen2  ? piece::Bulk::kQwen2
+                                      : P == Pattern::kO200k ? piece::Bulk::kO200k
+                                      : P == Pattern::kGpt2  ? piece::Bulk::kGpt2
+                                      : P == Pattern::kDeepSeekV3 ? piece::Bulk::kDeepSeekV3
+                                                             : piece::Bulk::kCl100k;
+      if (const uint64_t m = piece::bulk_starts<kFamily>(s, n, i)) {
+        base = i;
+        pending = m & (m - 1);
+        return i + piece::ctz64(m);
       }
     }
     return piece::next(P, s, n, i);

@@ -1047,10 +1047,13 @@ struct PieceCache {
   static constexpr size_t kHot = size_t{1} << kHotBits;
   struct alignas(32) HotEntry {
     uint64_t w0, w1;
-    uint64_t tag;  // uid << 32 | number of ids << 8 | length; 0 when empty (uids start at 1)
+    uint64_t tag;  // uid << 32 | number of ids << 8 | length (| kHotRef); 0 when empty (uids start at 1)
     uint32_t ids[2];
   };
   static constexpr uint64_t kHotCountMask = uint64_t{0xFF} << 8;
+  // Set in the length byte (so that the plain lookup misses): the piece has 3+ ids, and ids[0] is the
+  // index of its PieceCache entry.
+  static constexpr uint64_t kHotRef = 0x80;
   static_assert(sizeof(HotEntry) == 32, "two entries per cache line");
   HotEntry hot[kHot];
 
@@ -1354,14 +1357,20 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
   HotKey hot_keys[kQueue];
   size_t k = 0;  // queued pieces
   // Remembers a piece of up to 16 bytes with one or two ids in the hot table.
-  auto remember = [&](size_t q, size_t len, const uint32_t* ids, size_t nids) {
-    if (hot_slots[q] == kNoHot || nids == 0 || nids > 2) return;
+  // Pieces with more ids (`entry`: their piece-cache entry) are remembered by reference to that entry.
+  auto remember = [&](size_t q, size_t len, const uint32_t* ids, size_t nids, const PieceCache::Entry* entry) {
+    if (hot_slots[q] == kNoHot || nids == 0 || (nids > 2 && !entry)) return;
     PieceCache::HotEntry& he = cache.hot[hot_slots[q]];
     he.w0 = hot_keys[q].w0;
     he.w1 = hot_keys[q].w1;
-    he.tag = hot_tag | (static_cast<uint64_t>(nids) << 8) | len;
-    he.ids[0] = ids[0];
-    he.ids[1] = nids == 2 ? ids[1] : 0;
+    if (nids <= 2) {
+      he.tag = hot_tag | (static_cast<uint64_t>(nids) << 8) | len;
+      he.ids[0] = ids[0];
+      he.ids[1] = nids == 2 ? ids[1] : 0;
+    } else {
+      he.tag = hot_tag | PieceCache::kHotRef | len;
+      he.ids[0] = static_cast<uint32_t>(entry - cache.entries);
+    }
   };
   auto resolve = [&] {
     for (size_t q = 0; q < k; ++q) {
@@ -1379,7 +1388,7 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
       if (len == 1) {
         if (byte_present_[p[0]]) {
           buf[nbuf++] = byte_id_[p[0]];
-          remember(q, 1, &byte_id_[p[0]], 1);
+          remember(q, 1, &byte_id_[p[0]], 1, nullptr);
         }
         continue;
       }
@@ -1412,7 +1421,7 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
             std::memcpy(buf + nbuf + PieceCache::kMaxIds, ids + PieceCache::kMaxIds,
                         (PieceCache::kMaxBytes - PieceCache::kMaxIds) * sizeof(uint32_t));
           nbuf += hit->nids;
-          remember(q, len, ids, hit->nids);
+          remember(q, len, ids, hit->nids, hit);
           continue;
         }
       }
@@ -1422,7 +1431,7 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
       const uint32_t* ids = buf + nbuf;
       const size_t produced = bpe_small(p, len, ph, buf + nbuf);
       nbuf += produced;
-      remember(q, len, ids, produced);
+      remember(q, len, ids, produced, &entry);
       // BPE gives at most one id per byte, so every cacheable piece fits (inline or spilled).
       entry.hash = ph;
       entry.owner = uid_;
@@ -1463,6 +1472,24 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
         }
         i = e;
         continue;
+      }
+      if (k == 0 && he.w0 == key.w0 && he.w1 == key.w1 && he.tag == (hot_tag | PieceCache::kHotRef | len)) {
+        // A piece of 3+ ids: its ids from its piece-cache entry, if that still holds it (same owner,
+        // length and zero-padded bytes) and they are still there; else the miss path below.
+        const PieceCache::Entry& pe = cache.entries[he.ids[0]];
+        const uint32_t* ids = nullptr;
+        if (pe.owner == uid_ && pe.len == len && load64(pe.bytes) == key.w0 && load64(pe.bytes + 8) == key.w1)
+          ids = pe.nids <= PieceCache::kMaxIds ? pe.ids : cache.spilled(pe);
+        if (ids) {
+          if (nbuf + PieceCache::kMaxBytes > PieceCache::kOut) flush();
+          std::memcpy(buf + nbuf, ids, PieceCache::kMaxIds * sizeof(uint32_t));
+          if (pe.nids > PieceCache::kMaxIds)
+            std::memcpy(buf + nbuf + PieceCache::kMaxIds, ids + PieceCache::kMaxIds,
+                        (PieceCache::kMaxBytes - PieceCache::kMaxIds) * sizeof(uint32_t));
+          nbuf += pe.nids;
+          i = e;
+          continue;
+        }
       }
       hot_slots[k] = static_cast<uint32_t>(slot);
       hot_keys[k] = key;

@@ -1017,6 +1017,16 @@ struct PieceCache {
     std::memcpy(&pos, e.ids, sizeof pos);
     return spill_end - pos <= kSpill ? spill + pos % kSpill : nullptr;
   }
+  // Copies a cached piece's ids to dst (room for kMaxBytes ids) and returns how many there are, or
+  // returns 0 when they were spilled and the ring has overwritten them since. A fixed number of ids is
+  // copied whatever the count (a memcpy call costs more than the copy; the ring has slack for it).
+  size_t copy_ids(const Entry& e, uint32_t* dst) const {
+    const uint32_t* ids = e.nids <= kMaxIds ? e.ids : spilled(e);
+    if (!ids) return 0;
+    std::memcpy(dst, ids, kMaxIds * sizeof(uint32_t));
+    if (e.nids > kMaxIds) std::memcpy(dst + kMaxIds, ids + kMaxIds, (kMaxBytes - kMaxIds) * sizeof(uint32_t));
+    return e.nids;
+  }
   void spill_into(Entry& e, const uint32_t* ids, size_t n) {
     if (spill_end % kSpill + n > kSpill) spill_end += kSpill - spill_end % kSpill;  // no wrap-around
     const uint64_t pos = spill_end;
@@ -1412,16 +1422,9 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
         hit = &set[1];
       }
       if (hit) {
-        const uint32_t* ids = hit->nids <= PieceCache::kMaxIds ? hit->ids : cache.spilled(*hit);
-        if (ids) {
-          // A fixed number of ids whatever the count (a memcpy call costs more than the copy; the ring
-          // has slack for it).
-          std::memcpy(buf + nbuf, ids, PieceCache::kMaxIds * sizeof(uint32_t));
-          if (hit->nids > PieceCache::kMaxIds)
-            std::memcpy(buf + nbuf + PieceCache::kMaxIds, ids + PieceCache::kMaxIds,
-                        (PieceCache::kMaxBytes - PieceCache::kMaxIds) * sizeof(uint32_t));
-          nbuf += hit->nids;
-          remember(q, len, ids, hit->nids, hit);
+        if (const size_t nids = cache.copy_ids(*hit, buf + nbuf)) {
+          remember(q, len, buf + nbuf, nids, hit);
+          nbuf += nids;
           continue;
         }
       }
@@ -1477,18 +1480,13 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
         // A piece of 3+ ids: its ids from its piece-cache entry, if that still holds it (same owner,
         // length and zero-padded bytes) and they are still there; else the miss path below.
         const PieceCache::Entry& pe = cache.entries[he.ids[0]];
-        const uint32_t* ids = nullptr;
-        if (pe.owner == uid_ && pe.len == len && load64(pe.bytes) == key.w0 && load64(pe.bytes + 8) == key.w1)
-          ids = pe.nids <= PieceCache::kMaxIds ? pe.ids : cache.spilled(pe);
-        if (ids) {
+        if (pe.owner == uid_ && pe.len == len && load64(pe.bytes) == key.w0 && load64(pe.bytes + 8) == key.w1) {
           if (nbuf + PieceCache::kMaxBytes > PieceCache::kOut) flush();
-          std::memcpy(buf + nbuf, ids, PieceCache::kMaxIds * sizeof(uint32_t));
-          if (pe.nids > PieceCache::kMaxIds)
-            std::memcpy(buf + nbuf + PieceCache::kMaxIds, ids + PieceCache::kMaxIds,
-                        (PieceCache::kMaxBytes - PieceCache::kMaxIds) * sizeof(uint32_t));
-          nbuf += pe.nids;
-          i = e;
-          continue;
+          if (const size_t nids = cache.copy_ids(pe, buf + nbuf)) {
+            nbuf += nids;
+            i = e;
+            continue;
+          }
         }
       }
       hot_slots[k] = static_cast<uint32_t>(slot);

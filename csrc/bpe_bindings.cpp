@@ -22,6 +22,7 @@
 
 #include "bpe/encoder.h"
 #include "bpe/pretokenize.h"
+#include "bpe/transcode.h"
 #include "bpe/unicode.h"
 
 namespace py = pybind11;
@@ -36,14 +37,77 @@ constexpr size_t kReleaseGilBytes = 2048;
 // encode_ordinary's reused output keeps up to this many ids (4 MiB) of capacity between calls.
 constexpr size_t kKeptIds = size_t{1} << 20;
 
-// UTF-8 view of a Python str without copying (CPython caches it in the object). Lone surrogates make
-// CPython raise UnicodeEncodeError, which propagates as is.
-std::string_view utf8_view(const py::handle& obj) {
-  if (!PyUnicode_Check(obj.ptr())) throw py::type_error("expected str, got " + std::string(Py_TYPE(obj.ptr())->tp_name));
+// A str's text as the encoder reads it: UTF-8 that CPython already holds (an ASCII str is its own UTF-8,
+// and a str whose UTF-8 was asked for before keeps a copy), or else its code units, which utf8_text
+// converts (bpe/transcode.h) into a per-thread buffer instead of asking CPython to make and keep a UTF-8
+// copy: CPython's converter was 15-25% of a cold encode_ordinary on mixed-script text. Reading the units
+// needs no GIL: a str is immutable and the caller holds a reference to it.
+struct StrText {
+  const void* data = nullptr;
+  size_t length = 0;  // bytes of UTF-8 (kind 0), else code units
+  int kind = 0;       // 0: data is UTF-8; 1, 2 or 4: bytes per code unit
+};
+
+StrText str_text(const py::handle& obj) {
+  PyObject* o = obj.ptr();
+  if (!PyUnicode_Check(o)) throw py::type_error("expected str, got " + std::string(Py_TYPE(o)->tp_name));
+#if PY_VERSION_HEX < 0x030C0000
+  if (PyUnicode_READY(o) != 0) throw py::error_already_set();
+#endif
+  const size_t n = static_cast<size_t>(PyUnicode_GET_LENGTH(o));
+  if (PyUnicode_IS_ASCII(o)) return {PyUnicode_DATA(o), n, 0};
+#if !defined(Py_GIL_DISABLED) && PY_VERSION_HEX < 0x030F0000
+  // (The free-threaded build fills this field under a lock of its own; there the units are converted.)
+  const auto* compact = reinterpret_cast<const PyCompactUnicodeObject*>(o);
+  if (compact->utf8) return {compact->utf8, static_cast<size_t>(compact->utf8_length), 0};
+#endif
+  return {PyUnicode_DATA(o), n, static_cast<int>(PyUnicode_KIND(o))};
+}
+
+// The per-thread buffer utf8_text converts into, and the most it keeps between calls (16 MiB).
+constexpr size_t kKeptUtf8Bytes = size_t{16} << 20;
+std::vector<unsigned char>& utf8_buffer() {
+  static thread_local std::vector<unsigned char> buf;
+  return buf;
+}
+void trim_utf8_buffer() {
+  std::vector<unsigned char>& buf = utf8_buffer();
+  if (buf.size() > kKeptUtf8Bytes) std::vector<unsigned char>().swap(buf);
+}
+
+// Sets s to the UTF-8 of t (valid until the thread's next utf8_text); false when the text holds a
+// surrogate, which UTF-8 cannot encode (raise_utf8_error then raises CPython's own error).
+bool utf8_text(const StrText& t, std::string_view& s) {
+  if (t.kind == 0) {
+    s = std::string_view(static_cast<const char*>(t.data), t.length);
+    return true;
+  }
+  std::vector<unsigned char>& buf = utf8_buffer();
+  const size_t need = sparrow::bpe::utf8_capacity(t.length, static_cast<size_t>(t.kind));
+  if (buf.size() < need) buf.resize(need);
+  size_t len = 0;
+  switch (t.kind) {
+    case 1: len = sparrow::bpe::utf8_from_latin1(static_cast<const uint8_t*>(t.data), t.length, buf.data()); break;
+    case 2: len = sparrow::bpe::utf8_from_ucs2(static_cast<const uint16_t*>(t.data), t.length, buf.data()); break;
+    default: len = sparrow::bpe::utf8_from_ucs4(static_cast<const uint32_t*>(t.data), t.length, buf.data()); break;
+  }
+  if (len == sparrow::bpe::kHasSurrogate) return false;
+  s = std::string_view(reinterpret_cast<const char*>(buf.data()), len);
+  return true;
+}
+
+// CPython's UnicodeEncodeError for a str that utf8_text refused (GIL held).
+[[noreturn]] void raise_utf8_error(const py::handle& obj) {
   Py_ssize_t size = 0;
-  const char* data = PyUnicode_AsUTF8AndSize(obj.ptr(), &size);
-  if (!data) throw py::error_already_set();
-  return std::string_view(data, static_cast<size_t>(size));
+  if (!PyUnicode_AsUTF8AndSize(obj.ptr(), &size)) throw py::error_already_set();
+  throw py::value_error("str holds a surrogate code point, which UTF-8 cannot encode");
+}
+
+// The UTF-8 of a str, for calls that keep the GIL (valid until the thread's next utf8_text).
+std::string_view utf8_view(const py::handle& obj) {
+  std::string_view s;
+  if (!utf8_text(str_text(obj), s)) raise_utf8_error(obj);
+  return s;
 }
 
 // Python ints for ids 0..size-1, made once per process and shared by every list we return: building
@@ -154,18 +218,32 @@ std::vector<uint32_t> to_ids(const py::iterable& ids, size_t vocab_size) {
   return out;
 }
 
-// Texts released from the GIL: views stay valid because `keep` holds the str objects.
+// Texts released from the GIL: `keep` holds the str objects, so their data stays valid and unchanged.
 struct Batch {
   std::vector<py::object> keep;
-  std::vector<std::string_view> views;
+  std::vector<StrText> texts;
+  // Set by a worker whose text holds a surrogate; rethrow_refused raises CPython's error for the first.
+  std::vector<char> refused;
+
+  // The UTF-8 of text i in a worker thread (converted there, so a batch converts in parallel), or false.
+  bool utf8(size_t i, std::string_view& s) {
+    if (utf8_text(texts[i], s)) return true;
+    refused[i] = 1;
+    return false;
+  }
+  void rethrow_refused() const {  // GIL held
+    for (size_t i = 0; i < refused.size(); ++i)
+      if (refused[i]) raise_utf8_error(keep[i]);
+  }
 };
 
 Batch collect(const py::iterable& texts) {
   Batch b;
   for (const auto& t : texts) {
-    b.views.push_back(utf8_view(t));
+    b.texts.push_back(str_text(t));
     b.keep.push_back(py::reinterpret_borrow<py::object>(t));
   }
+  b.refused.assign(b.texts.size(), 0);
   return b;
 }
 
@@ -338,50 +416,69 @@ PYBIND11_MODULE(_bpe, m) {
             return with_id_objects(std::move(e));
           }, py::arg("contents"), py::arg("pattern"), py::arg("special_tokens"))
       .def("encode_ordinary", [](const Encoder& e, py::handle text) {
-            std::string_view s = utf8_view(text);
+            const StrText t = str_text(text);
             // One output vector per thread, reused: no allocation per call for the many short texts of
             // a per-document loop. Released again after a call that made it large.
             static thread_local std::vector<uint32_t> out;
             out.clear();
-            if (s.size() >= kReleaseGilBytes) {
+            bool ok = false;
+            auto run = [&] {
+              std::string_view s;
+              if ((ok = utf8_text(t, s))) e.encode_ordinary(s, out);
+            };
+            if (t.length >= kReleaseGilBytes) {
               py::gil_scoped_release nogil;
-              e.encode_ordinary(s, out);
+              run();
             } else {
-              e.encode_ordinary(s, out);
+              run();
             }
+            trim_utf8_buffer();
+            if (!ok) raise_utf8_error(text);
             py::list ids = to_list(out);
             if (out.capacity() > kKeptIds) std::vector<uint32_t>().swap(out);
             return ids;
           }, py::arg("text"), "Token ids of text, special-token text encoded as ordinary text.")
       .def("encode", [](const Encoder& e, py::handle text, const std::vector<bool>& allowed, bool check_disallowed) {
-            std::string_view s = utf8_view(text);
+            const StrText t = str_text(text);
             std::vector<char> mask = mask_from(e, allowed);
             std::vector<uint32_t> out;
-            out.reserve(s.size() / 3 + 4);
-            if (s.size() >= kReleaseGilBytes) {
+            bool ok = false;
+            auto run = [&] {
+              std::string_view s;
+              if (!(ok = utf8_text(t, s))) return;
+              out.reserve(s.size() / 3 + 4);
+              e.encode(s, mask, check_disallowed, out);
+            };
+            if (t.length >= kReleaseGilBytes) {
               py::gil_scoped_release nogil;
-              e.encode(s, mask, check_disallowed, out);
+              run();
             } else {
-              e.encode(s, mask, check_disallowed, out);
+              run();
             }
+            trim_utf8_buffer();
+            if (!ok) raise_utf8_error(text);
             return to_list(out);
           }, py::arg("text"), py::arg("allowed"), py::arg("check_disallowed"))
       .def("encode_batch", [](const Encoder& e, const py::iterable& texts, const std::vector<bool>& allowed,
                               bool check_disallowed, bool ordinary, py::object num_threads) {
             Batch b = collect(texts);
             std::vector<char> mask = ordinary ? std::vector<char>() : mask_from(e, allowed);
-            std::vector<std::vector<uint32_t>> outs(b.views.size());
-            const size_t threads = thread_count(num_threads, b.views.size());
+            std::vector<std::vector<uint32_t>> outs(b.texts.size());
+            const size_t threads = thread_count(num_threads, b.texts.size());
             WorkerPool& pool = WorkerPool::get();
             {
               py::gil_scoped_release nogil;
-              parallel_for(pool, b.views.size(), threads, [&](size_t i) {
-                outs[i].reserve(b.views[i].size() / 3 + 4);
-                if (ordinary) e.encode_ordinary(b.views[i], outs[i]);
-                else e.encode(b.views[i], mask, check_disallowed, outs[i]);
+              parallel_for(pool, b.texts.size(), threads, [&](size_t i) {
+                std::string_view s;
+                if (!b.utf8(i, s)) return;
+                outs[i].reserve(s.size() / 3 + 4);
+                if (ordinary) e.encode_ordinary(s, outs[i]);
+                else e.encode(s, mask, check_disallowed, outs[i]);
+                trim_utf8_buffer();
               });
             }
-            py::list result(b.views.size());
+            b.rethrow_refused();
+            py::list result(b.texts.size());
             for (size_t i = 0; i < outs.size(); ++i) result[i] = to_list(outs[i]);
             return result;
           }, py::arg("texts"), py::arg("allowed"), py::arg("check_disallowed"), py::arg("ordinary"), py::arg("num_threads"))
@@ -389,19 +486,23 @@ PYBIND11_MODULE(_bpe, m) {
             // Corpus tokenization: the ids of every text (ordinary encoding) each followed by
             // `separator` (when >= 0), concatenated into one uint32 array.
             Batch b = collect(texts);
-            std::vector<std::vector<uint32_t>> outs(b.views.size());
-            const size_t threads = thread_count(num_threads, b.views.size());
+            std::vector<std::vector<uint32_t>> outs(b.texts.size());
+            const size_t threads = thread_count(num_threads, b.texts.size());
             WorkerPool& pool = WorkerPool::get();
             size_t total = 0;
             {
               py::gil_scoped_release nogil;
-              parallel_for(pool, b.views.size(), threads, [&](size_t i) {
-                outs[i].reserve(b.views[i].size() / 3 + 4);
-                e.encode_ordinary(b.views[i], outs[i]);
+              parallel_for(pool, b.texts.size(), threads, [&](size_t i) {
+                std::string_view s;
+                if (!b.utf8(i, s)) return;
+                outs[i].reserve(s.size() / 3 + 4);
+                e.encode_ordinary(s, outs[i]);
+                trim_utf8_buffer();
                 if (separator >= 0) outs[i].push_back(static_cast<uint32_t>(separator));
               });
               for (const auto& o : outs) total += o.size();
             }
+            b.rethrow_refused();
             py::array_t<uint32_t> arr(static_cast<py::ssize_t>(total));
             uint32_t* dst = arr.mutable_data();
             for (const auto& o : outs) {

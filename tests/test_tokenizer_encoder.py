@@ -315,6 +315,46 @@ def test_added_tokens_leftmost_longest_like_hf(tmp_path):
 
 # ---- API behaviour ------------------------------------------------------------------------------------
 
+# Strs whose storage is each of CPython's kinds (Latin-1, UCS-2, UCS-4), from runs of one width class, so
+# that 8/16-unit blocks of one class and blocks that mix them both occur. The binding converts such strs
+# to UTF-8 itself (csrc/bpe/transcode.h) unless CPython already holds their UTF-8.
+STORAGE_RUNS = st.tuples(
+    st.sampled_from(["a", " ", "\n", "1", ".", "é", "ÿ", "\x85", "Ω", "ж", "ߺ", "中", "。", "\u0800", "\uffff",
+                     "\ue000", "😀", "\U0010ffff"]),
+    st.integers(min_value=1, max_value=20),
+).map(lambda run: run[0] * run[1])
+
+
+def _fresh(text: str) -> str:
+    """An equal str that is a new object, so no UTF-8 cached by an earlier call (tiktoken's) comes with it."""
+    return "".join([text[: len(text) // 2], text[len(text) // 2:], ""]) if text else ""
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.lists(STORAGE_RUNS, max_size=12).map("".join))
+def test_every_str_storage_kind_encodes_like_its_utf8(vocabs, text):
+    tok, ref = vocabs[NAMES[-1]]
+    want = ref.encode_ordinary(text)
+    assert tok.encode_ordinary(_fresh(text)) == want
+    assert tok.encode(_fresh(text), disallowed_special=()) == want
+    assert tok.encode_ordinary_batch([_fresh(text), _fresh(text + "x")], num_threads=2) == [
+        want, ref.encode_ordinary(text + "x")]
+    assert tok.decode(want) == text
+
+
+def test_surrogates_raise_cpythons_error_in_every_path(vocabs):
+    tok, _ = vocabs[NAMES[0]]
+    for text in ["abc\ud800def", "\udfff", "中" * 9 + "\ud83d", "😀" * 5 + "\udc00x", "é" * 20 + "\ud800"]:
+        with pytest.raises(UnicodeEncodeError) as expected:
+            text.encode("utf-8")
+        for call in (lambda t: tok.encode_ordinary(t), lambda t: tok.encode(t),
+                     lambda t: tok.encode_ordinary_batch(["ok", t], num_threads=2),
+                     lambda t: tok.encode_documents(["ok", t], num_threads=2)):
+            with pytest.raises(UnicodeEncodeError) as got:
+                call(_fresh(text))
+            assert str(got.value) == str(expected.value)
+
+
 def test_batch_equals_single(vocabs):
     tok, _ = vocabs[NAMES[-1]]
     texts = corpus_samples() + EDGE_CASES

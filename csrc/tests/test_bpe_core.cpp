@@ -1,4 +1,7 @@
-// Unit tests of the BPE core: pre-tokenizer pieces, BPE merges, special tokens, loaders' error paths.
+// Unit tests of the BPE core: pre-tokenizer pieces, BPE merges, special tokens, loaders' error paths,
+// and the str -> UTF-8 conversion the Python binding uses.
+#include <cstdint>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -6,6 +9,7 @@
 #include "bpe/json.h"
 #include "bpe/pretokenize.h"
 #include "bpe/pretokenize_impl.h"
+#include "bpe/transcode.h"
 #include "bpe/unicode.h"
 #include "bpe_test_util.h"
 
@@ -239,6 +243,110 @@ void test_bulk_scan_classes() {
   }
 }
 
+
+// Plain UTF-8 of code points, one at a time: what the transcoders must match.
+std::string utf8_reference(const std::vector<uint32_t>& cps) {
+  std::string out;
+  for (uint32_t c : cps) {
+    if (c < 0x80) {
+      out += static_cast<char>(c);
+    } else if (c < 0x800) {
+      out += static_cast<char>(0xC0 | (c >> 6));
+      out += static_cast<char>(0x80 | (c & 0x3F));
+    } else if (c < 0x10000) {
+      out += static_cast<char>(0xE0 | (c >> 12));
+      out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (c & 0x3F));
+    } else {
+      out += static_cast<char>(0xF0 | (c >> 18));
+      out += static_cast<char>(0x80 | ((c >> 12) & 0x3F));
+      out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (c & 0x3F));
+    }
+  }
+  return out;
+}
+
+// Runs the transcoder for the narrowest width that holds cps (or the one asked for) into a buffer of
+// exactly utf8_capacity bytes (the sanitizer build catches a write past it); "!" for a surrogate.
+std::string transcoded(const std::vector<uint32_t>& cps, size_t width) {
+  std::vector<unsigned char> dst(utf8_capacity(cps.size(), width));
+  size_t n = 0;
+  if (width == 1) {
+    std::vector<uint8_t> s(cps.begin(), cps.end());
+    n = utf8_from_latin1(s.data(), s.size(), dst.data());
+  } else if (width == 2) {
+    std::vector<uint16_t> s(cps.begin(), cps.end());
+    n = utf8_from_ucs2(s.data(), s.size(), dst.data());
+  } else {
+    n = utf8_from_ucs4(cps.data(), cps.size(), dst.data());
+  }
+  if (n == kHasSurrogate) return "!";
+  CHECK(n + 16 <= dst.size());
+  return std::string(reinterpret_cast<const char*>(dst.data()), n);
+}
+
+void test_transcode() {
+  // Every code point alone and at each offset in an 8/16-unit block among ASCII, 1-, 2- and 3-byte
+  // neighbours, in every width that can hold it.
+  std::vector<uint32_t> fillers = {'a', 0xE9, 0x4E2D};
+  for (uint32_t c = 0; c < 0x110000; c += (c < 0x10000 ? 1 : 97)) {
+    const bool surrogate = c >= 0xD800 && c <= 0xDFFF;
+    for (size_t width : {1, 2, 4}) {
+      if ((width == 1 && c > 0xFF) || (width == 2 && c > 0xFFFF)) continue;
+      for (uint32_t f : fillers) {
+        if ((width == 1 && f > 0xFF)) continue;
+        for (size_t at : {0, 7, 15}) {
+          if (c % 61 != 0 && at != 7) continue;  // all offsets for a sample, one for the rest
+          std::vector<uint32_t> cps(17, f);
+          cps[at] = c;
+          const std::string want = surrogate ? "!" : utf8_reference(cps);
+          const std::string got = transcoded(cps, width);
+          if (got != want) {
+            std::fprintf(stderr, "transcode U+%04X width %zu filler U+%04X at %zu\n", c, width, f, at);
+            CHECK(got == want);
+            return;
+          }
+        }
+      }
+    }
+  }
+  // Random texts of every length up to 80 from runs of one class (ASCII, Latin-1, 2-byte, 3-byte,
+  // astral, surrogates rarely), so that whole blocks of one class and blocks that mix them both occur.
+  std::mt19937 rng(7);
+  auto pick = [&](int cls) -> uint32_t {
+    switch (cls) {
+      case 0: return rng() % 0x80;
+      case 1: return 0x80 + rng() % 0x80;
+      case 2: return 0x100 + rng() % 0x700;
+      case 3: { uint32_t c = 0x800 + rng() % 0xF800; return (c >= 0xD800 && c <= 0xDFFF) ? c + 0x800 : c; }
+      case 4: return 0x10000 + rng() % 0x100000;
+      default: return 0xD800 + rng() % 0x800;
+    }
+  };
+  for (int iter = 0; iter < 20000; ++iter) {
+    const size_t n = rng() % 81;
+    const int max_cls = static_cast<int>(rng() % 5);  // the widest class: width 1, 2 (up to 3) or 4
+    std::vector<uint32_t> cps;
+    while (cps.size() < n) {
+      int cls = static_cast<int>(rng() % (max_cls + 1));
+      if (rng() % 200 == 0 && max_cls >= 2) cls = 5;
+      for (size_t run = 1 + rng() % 20; run && cps.size() < n; --run) cps.push_back(pick(cls));
+    }
+    const size_t width = max_cls <= 1 ? 1 : max_cls <= 3 ? 2 : 4;
+    bool surrogate = false;
+    for (uint32_t c : cps) surrogate |= c >= 0xD800 && c <= 0xDFFF;
+    const std::string want = surrogate ? "!" : utf8_reference(cps);
+    for (size_t w = width; w <= 4; w *= 2) {
+      if (transcoded(cps, w) != want) {
+        std::fprintf(stderr, "transcode: random text %d (width %zu) differs\n", iter, w);
+        CHECK(false);
+        return;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -249,5 +357,6 @@ int main() {
   test_piece_caches();
   test_specials();
   test_loaders();
+  test_transcode();
   return bpe_test::finish("test_bpe_core");
 }

@@ -244,26 +244,10 @@ void test_bulk_scan_classes() {
 }
 
 
-// Plain UTF-8 of code points, one at a time: what the transcoders must match.
+// What the transcoders must match.
 std::string utf8_reference(const std::vector<uint32_t>& cps) {
   std::string out;
-  for (uint32_t c : cps) {
-    if (c < 0x80) {
-      out += static_cast<char>(c);
-    } else if (c < 0x800) {
-      out += static_cast<char>(0xC0 | (c >> 6));
-      out += static_cast<char>(0x80 | (c & 0x3F));
-    } else if (c < 0x10000) {
-      out += static_cast<char>(0xE0 | (c >> 12));
-      out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (c & 0x3F));
-    } else {
-      out += static_cast<char>(0xF0 | (c >> 18));
-      out += static_cast<char>(0x80 | ((c >> 12) & 0x3F));
-      out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (c & 0x3F));
-    }
-  }
+  for (uint32_t c : cps) bpe_test::put_utf8(out, c);
   return out;
 }
 

@@ -17,24 +17,6 @@ using namespace sparrow::bpe;
 
 namespace {
 
-void put_utf8(std::string& s, uint32_t cp) {
-  if (cp < 0x80) {
-    s += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    s += static_cast<char>(0xC0 | (cp >> 6));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    s += static_cast<char>(0xE0 | (cp >> 12));
-    s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    s += static_cast<char>(0xF0 | (cp >> 18));
-    s += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
-
 // Code points drawn from the classes the patterns care about, plus anything.
 uint32_t random_cp(std::mt19937& rng) {
   static const uint32_t picks[] = {' ', ' ', '\n', '\r', '\t', '\'', 's', 'S', 'l', 'a', 'Z', '1', '/', '!', '<',
@@ -71,7 +53,7 @@ std::string random_text(std::mt19937& rng, bool valid_utf8) {
     if (valid_utf8) {
       uint32_t cp = random_cp(rng);
       size_t repeat = (rng() % 8 == 0) ? rng() % 20 : 1;  // runs: whitespace, digits, one letter
-      for (size_t k = 0; k < repeat; ++k) put_utf8(s, cp);
+      for (size_t k = 0; k < repeat; ++k) bpe_test::put_utf8(s, cp);
     } else {
       s += static_cast<char>(rng() & 0xFF);
     }

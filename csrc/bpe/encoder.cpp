@@ -523,18 +523,8 @@ void Encoder::build_char_tokens() {
   bool any = false;
   for (uint32_t cp = 0x80; cp < 0x10000; ++cp) {
     if (cp >= 0xD800 && cp < 0xE000) continue;  // surrogates are not characters
-    unsigned char b[3];
-    size_t m;
-    if (cp < 0x800) {
-      b[0] = static_cast<unsigned char>(0xC0 | (cp >> 6));
-      b[1] = static_cast<unsigned char>(0x80 | (cp & 0x3F));
-      m = 2;
-    } else {
-      b[0] = static_cast<unsigned char>(0xE0 | (cp >> 12));
-      b[1] = static_cast<unsigned char>(0x80 | ((cp >> 6) & 0x3F));
-      b[2] = static_cast<unsigned char>(0x80 | (cp & 0x3F));
-      m = 3;
-    }
+    unsigned char b[4];
+    size_t m = encode_utf8(cp, b);  // 2 or 3 bytes
     uint32_t sym[3];
     for (size_t k = 0; k < m; ++k) sym[k] = byte_id_[b[k]];
     // BPE of c alone (lowest rank, leftmost first, as bpe_hashed), with the highest rank merged inside c

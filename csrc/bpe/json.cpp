@@ -4,6 +4,7 @@
 #include <string>
 
 #include "bpe/encoder.h"
+#include "bpe/unicode.h"
 
 namespace sparrow::bpe::json {
 
@@ -116,24 +117,6 @@ class Parser {
     return v;
   }
 
-  static void put_utf8(std::string& out, uint32_t cp) {
-    if (cp < 0x80) {
-      out += static_cast<char>(cp);
-    } else if (cp < 0x800) {
-      out += static_cast<char>(0xC0 | (cp >> 6));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      out += static_cast<char>(0xE0 | (cp >> 12));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else {
-      out += static_cast<char>(0xF0 | (cp >> 18));
-      out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    }
-  }
-
   std::string parse_string() {
     ++i_;  // opening quote
     std::string out;
@@ -168,7 +151,8 @@ class Parser {
           } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
             fail("lone surrogate in \\u escape");
           }
-          put_utf8(out, cp);
+          unsigned char b[4];
+          out.append(reinterpret_cast<const char*>(b), encode_utf8(cp, b));
           break;
         }
         default: fail("bad escape");

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bpe/unicode.h"
+
 // The 16-byte paths need SSE2 and 64-bit lane moves: x86-64. Elsewhere every unit goes one at a time.
 #if defined(__SSE2__) && (defined(__x86_64__) || defined(_M_X64))
 #define SPARROW_TRANSCODE_SSE2 1
@@ -30,43 +32,19 @@ constexpr size_t utf8_capacity(size_t n, size_t unit_bytes) { return n * (unit_b
 
 namespace transcode_detail {
 
-// One code point of 0x80 or more (not a surrogate) as 2, 3 or 4 UTF-8 bytes.
-inline unsigned char* put_multibyte(uint32_t c, unsigned char* d) {
-  if (c < 0x800) {
-    d[0] = static_cast<unsigned char>(0xC0 | (c >> 6));
-    d[1] = static_cast<unsigned char>(0x80 | (c & 0x3F));
-    return d + 2;
-  }
-  if (c < 0x10000) {
-    d[0] = static_cast<unsigned char>(0xE0 | (c >> 12));
-    d[1] = static_cast<unsigned char>(0x80 | ((c >> 6) & 0x3F));
-    d[2] = static_cast<unsigned char>(0x80 | (c & 0x3F));
-    return d + 3;
-  }
-  d[0] = static_cast<unsigned char>(0xF0 | (c >> 18));
-  d[1] = static_cast<unsigned char>(0x80 | ((c >> 12) & 0x3F));
-  d[2] = static_cast<unsigned char>(0x80 | ((c >> 6) & 0x3F));
-  d[3] = static_cast<unsigned char>(0x80 | (c & 0x3F));
-  return d + 4;
-}
-
 // Units s[i..end) one at a time; false on a surrogate.
 template <class Unit>
 inline bool put_units(const Unit* s, size_t i, size_t end, unsigned char*& d) {
   for (; i < end; ++i) {
     const uint32_t c = s[i];
-    if (c < 0x80) {
-      *d++ = static_cast<unsigned char>(c);
-    } else {
-      if (sizeof(Unit) > 1 && (c & 0xFFFFF800u) == 0xD800u) return false;
-      d = put_multibyte(c, d);
-    }
+    if (sizeof(Unit) > 1 && (c & 0xFFFFF800u) == 0xD800u) return false;
+    d += encode_utf8(c, d);
   }
   return true;
 }
 
 #if defined(SPARROW_TRANSCODE_SSE2)
-// Per-unit masks of 8 UCS-2 units (0xFFFF lanes): ASCII; 0x80 or more; 0x800 or more; surrogate.
+// Per-unit masks of 8 UCS-2 units (0xFFFF lanes): ASCII; 0x800 or more; surrogate.
 inline __m128i ascii_units(__m128i v) {
   return _mm_cmpeq_epi16(_mm_and_si128(v, _mm_set1_epi16(static_cast<short>(0xFF80))), _mm_setzero_si128());
 }

@@ -69,4 +69,28 @@ inline Decoded decode_utf8(const unsigned char* s, size_t n, size_t i) {
 // True when s[0..n) is well-formed UTF-8.
 bool is_valid_utf8(const unsigned char* s, size_t n);
 
+// Writes the UTF-8 of cp (not a surrogate, at most U+10FFFF) to out (room for 4 bytes); returns its length.
+inline size_t encode_utf8(uint32_t cp, unsigned char* out) {
+  if (cp < 0x80) {
+    out[0] = static_cast<unsigned char>(cp);
+    return 1;
+  }
+  if (cp < 0x800) {
+    out[0] = static_cast<unsigned char>(0xC0 | (cp >> 6));
+    out[1] = static_cast<unsigned char>(0x80 | (cp & 0x3F));
+    return 2;
+  }
+  if (cp < 0x10000) {
+    out[0] = static_cast<unsigned char>(0xE0 | (cp >> 12));
+    out[1] = static_cast<unsigned char>(0x80 | ((cp >> 6) & 0x3F));
+    out[2] = static_cast<unsigned char>(0x80 | (cp & 0x3F));
+    return 3;
+  }
+  out[0] = static_cast<unsigned char>(0xF0 | (cp >> 18));
+  out[1] = static_cast<unsigned char>(0x80 | ((cp >> 12) & 0x3F));
+  out[2] = static_cast<unsigned char>(0x80 | ((cp >> 6) & 0x3F));
+  out[3] = static_cast<unsigned char>(0x80 | (cp & 0x3F));
+  return 4;
+}
+
 }  // namespace sparrow::bpe

@@ -110,6 +110,26 @@ std::string_view utf8_view(const py::handle& obj) {
   return s;
 }
 
+// Calls encode(utf8) on the text of one str: converted and encoded without the GIL when it is long
+// enough for that to pay, CPython's error raised for a surrogate afterwards (GIL held on entry).
+template <class F>
+void with_utf8(const py::handle& text, F&& encode) {
+  const StrText t = str_text(text);
+  bool ok = false;
+  auto run = [&] {
+    std::string_view s;
+    if ((ok = utf8_text(t, s))) encode(s);
+  };
+  if (t.length >= kReleaseGilBytes) {
+    py::gil_scoped_release nogil;
+    run();
+  } else {
+    run();
+  }
+  trim_utf8_buffer();
+  if (!ok) raise_utf8_error(text);
+}
+
 // Python ints for ids 0..size-1, made once per process and shared by every list we return: building
 // a list of n ids is then n reference-count increments instead of n int allocations (and freeing the
 // list frees no ints). Grown to the largest vocabulary seen; only touched with the GIL held.
@@ -416,47 +436,22 @@ PYBIND11_MODULE(_bpe, m) {
             return with_id_objects(std::move(e));
           }, py::arg("contents"), py::arg("pattern"), py::arg("special_tokens"))
       .def("encode_ordinary", [](const Encoder& e, py::handle text) {
-            const StrText t = str_text(text);
             // One output vector per thread, reused: no allocation per call for the many short texts of
             // a per-document loop. Released again after a call that made it large.
             static thread_local std::vector<uint32_t> out;
             out.clear();
-            bool ok = false;
-            auto run = [&] {
-              std::string_view s;
-              if ((ok = utf8_text(t, s))) e.encode_ordinary(s, out);
-            };
-            if (t.length >= kReleaseGilBytes) {
-              py::gil_scoped_release nogil;
-              run();
-            } else {
-              run();
-            }
-            trim_utf8_buffer();
-            if (!ok) raise_utf8_error(text);
+            with_utf8(text, [&](std::string_view s) { e.encode_ordinary(s, out); });
             py::list ids = to_list(out);
             if (out.capacity() > kKeptIds) std::vector<uint32_t>().swap(out);
             return ids;
           }, py::arg("text"), "Token ids of text, special-token text encoded as ordinary text.")
       .def("encode", [](const Encoder& e, py::handle text, const std::vector<bool>& allowed, bool check_disallowed) {
-            const StrText t = str_text(text);
             std::vector<char> mask = mask_from(e, allowed);
             std::vector<uint32_t> out;
-            bool ok = false;
-            auto run = [&] {
-              std::string_view s;
-              if (!(ok = utf8_text(t, s))) return;
+            with_utf8(text, [&](std::string_view s) {
               out.reserve(s.size() / 3 + 4);
               e.encode(s, mask, check_disallowed, out);
-            };
-            if (t.length >= kReleaseGilBytes) {
-              py::gil_scoped_release nogil;
-              run();
-            } else {
-              run();
-            }
-            trim_utf8_buffer();
-            if (!ok) raise_utf8_error(text);
+            });
             return to_list(out);
           }, py::arg("text"), py::arg("allowed"), py::arg("check_disallowed"))
       .def("encode_batch", [](const Encoder& e, const py::iterable& texts, const std::vector<bool>& allowed,

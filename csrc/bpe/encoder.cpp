@@ -9,6 +9,10 @@
 #include <queue>
 #include <unordered_map>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -159,6 +163,9 @@ class Table {
 };
 
 constexpr uint32_t kNoRank = 0xFFFFFFFFu;
+// Merge ranks stay below kMaxRank (16.7M; the largest vocabularies have a few hundred thousand): bpe_small
+// packs a rank and a 7-bit position into one non-negative int32.
+constexpr uint32_t kMaxRank = (1u << 24) - 1;
 // Encoder::char_token_ entries: the token id (kNoRank: none) in the low word; whether the character may
 // start as its token whatever its left / right neighbour is; and, for a right neighbour that starts with a
 // lead byte, by which one (lead_group: E0-EF one each, C0-DF, F0-FF). Without kCharLeftAny the left
@@ -385,6 +392,9 @@ void Encoder::add_token(uint32_t id, std::string bytes, uint8_t kind) {
 }
 
 void Encoder::add_merge(uint32_t left, uint32_t right, uint32_t rank, uint32_t merged) {
+  if (rank >= kMaxRank)
+    throw FormatError("merge rank " + std::to_string(rank) + " is too large (ranks up to " +
+                      std::to_string(kMaxRank - 1) + " are supported)");
   t_->put_pair(left, right, rank, merged);
   ++num_merges_;
 }
@@ -1088,6 +1098,30 @@ SPARROW_INLINE bool same_short(const unsigned char* a, const unsigned char* b, s
   return a[0] == b[0] && a[n >> 1] == b[n >> 1] && a[n - 1] == b[n - 1];
 }
 
+// bpe_small's pair keys: kNoKey pads the scan and marks unlinked or last symbols; kEnd ends the list.
+constexpr int32_t kNoKey = INT32_MAX;
+constexpr uint8_t kEnd = 0xFF;
+
+// The smallest of key[0..n), n a positive multiple of 4, key 16-byte aligned.
+SPARROW_INLINE int32_t min_key(const int32_t* key, size_t n) {
+#if defined(__SSE2__)
+  // SSE2 has no 32-bit min (pminsd is SSE4.1): compare and blend.
+  auto vmin = [](__m128i a, __m128i b) {
+    const __m128i gt = _mm_cmpgt_epi32(a, b);
+    return _mm_or_si128(_mm_and_si128(gt, b), _mm_andnot_si128(gt, a));
+  };
+  __m128i b = _mm_load_si128(reinterpret_cast<const __m128i*>(key));
+  for (size_t i = 4; i < n; i += 4) b = vmin(b, _mm_load_si128(reinterpret_cast<const __m128i*>(key + i)));
+  b = vmin(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(1, 0, 3, 2)));
+  b = vmin(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(b);
+#else
+  int32_t best = kNoKey;
+  for (size_t i = 0; i < n; ++i) best = key[i] < best ? key[i] : best;
+  return best;
+#endif
+}
+
 }  // namespace
 
 
@@ -1138,8 +1172,7 @@ size_t Encoder::bpe_small(const unsigned char* s, size_t n, uint64_t hash, uint3
   // Quadratic scan over an array: for short pieces (nearly all of them) it beats any heap.
   constexpr size_t kSmall = kSmallPiece;
   uint32_t sym[kSmall];
-  uint32_t rank[kSmall];  // rank[i]: pair (sym[i], sym[i+1])
-  uint32_t merged[kSmall];
+  uint32_t merged[kSmall];  // merged[i]: the token the pair at i makes
   size_t m = 0;
   // raw[k]: the byte of a one-byte symbol, kCharSym for a character's token (see build_char_tokens).
   constexpr uint16_t kCharSym = 0x100;
@@ -1185,50 +1218,68 @@ size_t Encoder::bpe_small(const unsigned char* s, size_t n, uint64_t hash, uint3
     for (auto& pe : cache.pairs) pe.key = ~0ull;
     cache.pair_owner = uid_;
   }
-  auto look = [&](size_t i) {
-    const uint64_t key = (static_cast<uint64_t>(sym[i]) << 32) | sym[i + 1];
-    PieceCache::PairEntry& pe = cache.pairs[mix(key) & (PieceCache::kPairs - 1)];
-    if (pe.key != key) {
-      const Tables::PairSlot* p = t.find_pair_filtered(sym[i], sym[i + 1]);
-      pe.key = key;
+  // Each pair is known by its left symbol's position, which never changes: a merge writes the merged
+  // token over the left symbol and unlinks the right one, so nothing shifts. key[i] = rank << 7 | i for the
+  // pair (sym[i], sym[next[i]]) (kNoKey when it does not merge, or i is unlinked or last), and one minimum
+  // over the keys gives both the lowest rank and, among equal ranks, the leftmost pair (as tiktoken and
+  // HF). A merge changes two keys; the minimum is a few vector compares (pieces are mostly under 32
+  // symbols), with no position search and no shifting of arrays.
+  static_assert(kSmall <= 0x7F, "positions are 7 bits in a key and must stay below kEnd");
+  alignas(16) int32_t key[kSmall + 4];
+  uint8_t next[kSmall], prev[kSmall];
+  auto set_key = [&](size_t i, uint32_t r) {
+    // Ranks stay below kMaxRank (add_merge), so min(r, kMaxRank) << 7 is kNoKey's range only for kNoRank.
+    key[i] = static_cast<int32_t>(((r < kMaxRank ? r : kMaxRank) << 7) | static_cast<uint32_t>(i));
+  };
+  auto look = [&](size_t i, size_t j) {  // the pair of sym[i] and its right neighbour sym[j]
+    const uint64_t k = (static_cast<uint64_t>(sym[i]) << 32) | sym[j];
+    PieceCache::PairEntry& pe = cache.pairs[mix(k) & (PieceCache::kPairs - 1)];
+    if (pe.key != k) {
+      const Tables::PairSlot* p = t.find_pair_filtered(sym[i], sym[j]);
+      pe.key = k;
       pe.rank = p ? p->rank : kNoRank;
       pe.merged = p ? p->merged : 0;
     }
-    rank[i] = pe.rank;
+    set_key(i, pe.rank);
     merged[i] = pe.merged;
   };
   // The first round pairs single bytes: a 64k-entry table in cache instead of the big pair table.
   for (size_t i = 0; i + 1 < m; ++i) {
+    next[i] = static_cast<uint8_t>(i + 1);
+    prev[i + 1] = static_cast<uint8_t>(i);
     if ((raw[i] | raw[i + 1]) & kCharSym) {
-      look(i);
+      look(i, i + 1);
       continue;
     }
     const uint64_t bp = byte_pairs_[(static_cast<size_t>(raw[i]) << 8) | raw[i + 1]];
-    rank[i] = static_cast<uint32_t>(bp >> 32);
+    set_key(i, static_cast<uint32_t>(bp >> 32));
     merged[i] = static_cast<uint32_t>(bp);
   }
-  while (m > 1) {
-    // The smallest rank (a branch-free reduction the compiler vectorizes), then its leftmost position:
-    // the leftmost of equal ranks wins, as in tiktoken and HF.
-    uint32_t best = kNoRank;
-    for (size_t i = 0; i + 1 < m; ++i) best = rank[i] < best ? rank[i] : best;
-    if (best == kNoRank) break;
-    size_t bi = 0;
-    while (rank[bi] != best) ++bi;
-    sym[bi] = merged[bi];
-    const size_t tail = m - bi - 2;  // symbols after the removed one
-    std::memmove(sym + bi + 1, sym + bi + 2, tail * sizeof(uint32_t));
-    if (tail > 1) {  // pairs right of the merge shift with their symbols
-      std::memmove(rank + bi + 1, rank + bi + 2, (tail - 1) * sizeof(uint32_t));
-      std::memmove(merged + bi + 1, merged + bi + 2, (tail - 1) * sizeof(uint32_t));
+  next[m - 1] = kEnd;
+  // Keys from the last symbol on are kNoKey; `last` (the last linked symbol) bounds the scan.
+  for (size_t i = m - 1; i < ((m + 3) & ~size_t{3}); ++i) key[i] = kNoKey;
+  size_t last = m - 1;
+  while (last > 0) {
+    const int32_t best = min_key(key, (last + 3) & ~size_t{3});
+    if (best >= static_cast<int32_t>(kMaxRank << 7)) break;  // no pair merges
+    const size_t i = static_cast<uint32_t>(best) & 0x7F;
+    const size_t j = next[i];
+    sym[i] = merged[i];
+    key[j] = kNoKey;
+    const size_t after = next[j];
+    next[i] = static_cast<uint8_t>(after);
+    if (after != kEnd) {
+      prev[after] = static_cast<uint8_t>(i);
+      look(i, after);
+    } else {
+      key[i] = kNoKey;
+      last = i;
     }
-    --m;
-    if (bi > 0) look(bi - 1);
-    if (bi + 1 < m) look(bi);
+    if (i > 0) look(prev[i], i);
   }
-  // In blocks of 8 (a call to memcpy costs more than the copy); dst has room for n + 8.
-  for (size_t i = 0; i < m; i += 8) std::memcpy(dst + i, sym + i, 8 * sizeof(uint32_t));
-  return m;
+  size_t out_n = 0;
+  for (size_t i = 0; i != kEnd; i = next[i]) dst[out_n++] = sym[i];
+  return out_n;
 }
 
 // O(n log n) BPE for long pieces (a megabyte of one letter is a single piece): a heap of candidate

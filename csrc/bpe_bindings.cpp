@@ -376,6 +376,28 @@ void parallel_for(WorkerPool& pool, size_t count, size_t threads, F&& fn) {
   if (error) std::rethrow_exception(error);
 }
 
+// A batch's texts encoded on up to `num_threads` threads without the GIL, encode(utf8, ids) each; every
+// text is converted in its worker thread, and a str holding a surrogate raises CPython's error afterwards.
+template <class F>
+std::vector<std::vector<uint32_t>> encode_each(const py::iterable& texts, py::object num_threads, F&& encode) {
+  Batch b = collect(texts);
+  std::vector<std::vector<uint32_t>> outs(b.texts.size());
+  const size_t threads = thread_count(num_threads, b.texts.size());
+  WorkerPool& pool = WorkerPool::get();
+  {
+    py::gil_scoped_release nogil;
+    parallel_for(pool, b.texts.size(), threads, [&](size_t i) {
+      std::string_view s;
+      if (!b.utf8(i, s)) return;
+      outs[i].reserve(s.size() / 3 + 4);
+      encode(s, outs[i]);
+      trim_utf8_buffer();
+    });
+  }
+  b.rethrow_refused();
+  return outs;
+}
+
 std::vector<char> mask_from(const Encoder& e, const std::vector<bool>& allowed) {
   if (allowed.size() != e.specials().size()) throw py::value_error("allowed mask has the wrong length");
   return std::vector<char>(allowed.begin(), allowed.end());
@@ -456,48 +478,24 @@ PYBIND11_MODULE(_bpe, m) {
           }, py::arg("text"), py::arg("allowed"), py::arg("check_disallowed"))
       .def("encode_batch", [](const Encoder& e, const py::iterable& texts, const std::vector<bool>& allowed,
                               bool check_disallowed, bool ordinary, py::object num_threads) {
-            Batch b = collect(texts);
             std::vector<char> mask = ordinary ? std::vector<char>() : mask_from(e, allowed);
-            std::vector<std::vector<uint32_t>> outs(b.texts.size());
-            const size_t threads = thread_count(num_threads, b.texts.size());
-            WorkerPool& pool = WorkerPool::get();
-            {
-              py::gil_scoped_release nogil;
-              parallel_for(pool, b.texts.size(), threads, [&](size_t i) {
-                std::string_view s;
-                if (!b.utf8(i, s)) return;
-                outs[i].reserve(s.size() / 3 + 4);
-                if (ordinary) e.encode_ordinary(s, outs[i]);
-                else e.encode(s, mask, check_disallowed, outs[i]);
-                trim_utf8_buffer();
-              });
-            }
-            b.rethrow_refused();
-            py::list result(b.texts.size());
+            const auto outs = encode_each(texts, num_threads, [&](std::string_view s, std::vector<uint32_t>& out) {
+              if (ordinary) e.encode_ordinary(s, out);
+              else e.encode(s, mask, check_disallowed, out);
+            });
+            py::list result(outs.size());
             for (size_t i = 0; i < outs.size(); ++i) result[i] = to_list(outs[i]);
             return result;
           }, py::arg("texts"), py::arg("allowed"), py::arg("check_disallowed"), py::arg("ordinary"), py::arg("num_threads"))
       .def("encode_documents", [](const Encoder& e, const py::iterable& texts, int64_t separator, py::object num_threads) {
             // Corpus tokenization: the ids of every text (ordinary encoding) each followed by
             // `separator` (when >= 0), concatenated into one uint32 array.
-            Batch b = collect(texts);
-            std::vector<std::vector<uint32_t>> outs(b.texts.size());
-            const size_t threads = thread_count(num_threads, b.texts.size());
-            WorkerPool& pool = WorkerPool::get();
+            const auto outs = encode_each(texts, num_threads, [&](std::string_view s, std::vector<uint32_t>& out) {
+              e.encode_ordinary(s, out);
+              if (separator >= 0) out.push_back(static_cast<uint32_t>(separator));
+            });
             size_t total = 0;
-            {
-              py::gil_scoped_release nogil;
-              parallel_for(pool, b.texts.size(), threads, [&](size_t i) {
-                std::string_view s;
-                if (!b.utf8(i, s)) return;
-                outs[i].reserve(s.size() / 3 + 4);
-                e.encode_ordinary(s, outs[i]);
-                trim_utf8_buffer();
-                if (separator >= 0) outs[i].push_back(static_cast<uint32_t>(separator));
-              });
-              for (const auto& o : outs) total += o.size();
-            }
-            b.rethrow_refused();
+            for (const auto& o : outs) total += o.size();
             py::array_t<uint32_t> arr(static_cast<py::ssize_t>(total));
             uint32_t* dst = arr.mutable_data();
             for (const auto& o : outs) {

@@ -1151,7 +1151,7 @@ int64_t Encoder::whole_piece(const unsigned char* s, size_t n, uint64_t hash) co
 void Encoder::bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::vector<uint32_t>& out) const {
   if (n <= kSmallPiece) {
     const size_t at = out.size();
-    out.resize(at + n + 8);
+    out.resize(at + n);
     out.resize(at + bpe_small(s, n, hash, out.data() + at));
     return;
   }
@@ -1434,8 +1434,8 @@ void Encoder::encode_span_t(const unsigned char* s, size_t n, std::vector<uint32
       }
       const unsigned char* p = s + bounds[q];
       const size_t len = bounds[q + 1] - bounds[q];
-      // Room for the most any piece below writes: bpe_small's kSmallPiece + 8 (a cache hit: kMaxBytes).
-      if (nbuf + kSmallPiece + 8 > PieceCache::kOut) flush();
+      // Room for the most any piece below writes: bpe_small's kSmallPiece (a cache hit: kMaxBytes).
+      if (nbuf + kSmallPiece > PieceCache::kOut) flush();
       if (len == 1) {
         if (byte_present_[p[0]]) {
           buf[nbuf++] = byte_id_[p[0]];

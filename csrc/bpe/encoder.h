@@ -108,7 +108,7 @@ class Encoder {
   // `hash` is hash_bytes(s, n) (only read when whole_piece_lookup_ or self_encoding_ is set).
   void bpe_hashed(const unsigned char* s, size_t n, uint64_t hash, std::vector<uint32_t>& out) const;
   // Pieces up to kSmallPiece bytes: BPE over arrays on the stack; returns how many ids it wrote to dst (at
-  // most n), which must have room for n + 8 (they are copied in blocks of 8). Longer ones go to bpe_large.
+  // most n, which dst must have room for). Longer ones go to bpe_large.
   static constexpr size_t kSmallPiece = 96;
   size_t bpe_small(const unsigned char* s, size_t n, uint64_t hash, uint32_t* dst) const;
   // The piece's own id where it stands for itself (whole-piece lookup), else -1.

@@ -1583,14 +1583,7 @@ void Encoder::encode_span(const unsigned char* s, size_t n, std::vector<uint32_t
 }
 
 void Encoder::encode_pattern(const unsigned char* s, size_t n, std::vector<uint32_t>& out) const {
-  switch (pattern_) {
-    case Pattern::kGpt2: return encode_span_t<Pattern::kGpt2>(s, n, out);
-    case Pattern::kCl100k: return encode_span_t<Pattern::kCl100k>(s, n, out);
-    case Pattern::kO200k: return encode_span_t<Pattern::kO200k>(s, n, out);
-    case Pattern::kLlama3: return encode_span_t<Pattern::kLlama3>(s, n, out);
-    case Pattern::kQwen2: return encode_span_t<Pattern::kQwen2>(s, n, out);
-    case Pattern::kDeepSeekV3: return encode_span_t<Pattern::kDeepSeekV3>(s, n, out);
-  }
+  with_pattern(pattern_, [&](auto pattern) { encode_span_t<decltype(pattern)::value>(s, n, out); });
 }
 
 std::pair<size_t, size_t> Encoder::find_special(std::string_view text, size_t from, const std::vector<char>& usable) const {

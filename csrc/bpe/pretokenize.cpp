@@ -40,14 +40,7 @@ void piece_ends_t(const unsigned char* s, size_t n, std::vector<size_t>& ends) {
 }  // namespace
 
 void piece_ends(Pattern p, const unsigned char* s, size_t n, std::vector<size_t>& ends) {
-  switch (p) {
-    case Pattern::kGpt2: return piece_ends_t<Pattern::kGpt2>(s, n, ends);
-    case Pattern::kCl100k: return piece_ends_t<Pattern::kCl100k>(s, n, ends);
-    case Pattern::kO200k: return piece_ends_t<Pattern::kO200k>(s, n, ends);
-    case Pattern::kLlama3: return piece_ends_t<Pattern::kLlama3>(s, n, ends);
-    case Pattern::kQwen2: return piece_ends_t<Pattern::kQwen2>(s, n, ends);
-    case Pattern::kDeepSeekV3: return piece_ends_t<Pattern::kDeepSeekV3>(s, n, ends);
-  }
+  with_pattern(p, [&](auto pattern) { piece_ends_t<decltype(pattern)::value>(s, n, ends); });
 }
 
 bool is_valid_utf8(const unsigned char* s, size_t n) {

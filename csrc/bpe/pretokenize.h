@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace sparrow::bpe {
@@ -30,6 +31,21 @@ enum class Pattern {
   // sequence; see deepseek_v3_piece in pretokenize_impl.h.
   kDeepSeekV3,
 };
+
+// Calls f(std::integral_constant<Pattern, P>{}) for the P equal to p: the one switch from a run-time
+// pattern to the code instantiated per pattern (the pre-tokenizer's Splitter<P> and what is built on it).
+template <class F>
+inline void with_pattern(Pattern p, F&& f) {
+  using P = Pattern;
+  switch (p) {
+    case P::kGpt2: return f(std::integral_constant<P, P::kGpt2>{});
+    case P::kCl100k: return f(std::integral_constant<P, P::kCl100k>{});
+    case P::kO200k: return f(std::integral_constant<P, P::kO200k>{});
+    case P::kLlama3: return f(std::integral_constant<P, P::kLlama3>{});
+    case P::kQwen2: return f(std::integral_constant<P, P::kQwen2>{});
+    case P::kDeepSeekV3: return f(std::integral_constant<P, P::kDeepSeekV3>{});
+  }
+}
 
 // "gpt2" (aliases r50k, p50k), "cl100k", "o200k", "llama3", "qwen2", "deepseek_v3"; throws std::invalid_argument otherwise.
 Pattern pattern_from_name(const std::string& name);

@@ -635,6 +635,24 @@ SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) 
     }
   };
 
+  // A run of \r \n (o200k: of [\r\n/]) right after a punctuation run belongs to it: `first` marks each
+  // such run's first byte, and adding it to the run carries through the run to the position after it.
+  struct Absorbed {
+    uint64_t inside, after;
+  };
+  auto absorb = [&](uint64_t absorbable, uint64_t first) {
+    const uint64_t carried = absorbable + first;
+    return Absorbed{absorbable & ~carried, carried & ~absorbable & seen};
+  };
+  // Whitespace pieces: each run starts one unless punctuation absorbed it, so does the position after
+  // what was absorbed, and `last` (run ends that start a piece of their own); nothing starts inside
+  // what was absorbed.
+  auto add_whitespace = [&](const Absorbed& a, uint64_t last) {
+    starts |= (w_start & ~a.inside) | a.after | last;
+    starts &= ~a.inside;
+    tails_after_newlines(a.after);
+  };
+
   if constexpr (kFamily == Bulk::kDeepSeekV3) {
     // Split 1 makes each group of 3 digits a segment and split 3 runs in the gaps between, as if each
     // were the whole text; on ASCII it differs from the cl100k family in four places. A control
@@ -646,14 +664,9 @@ SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) 
     const uint64_t C = c.ctrl & seen & ~W;
     const uint64_t P = O & ~C;
     const uint64_t p_start = P & ~(P << 1);
-    const uint64_t absorbed_start = R & (P << 1);  // \r \n right after a punctuation run belong to it
-    const uint64_t after_absorbed = (R + absorbed_start) & ~R & seen;
-    const uint64_t absorbed = R & ~(R + absorbed_start);
     const uint64_t prefix = (l_start >> 1) & (U | C | (p_start & ~after_space));
     starts = prefix | (l_start & ~(prefix << 1)) | digit_groups() | (p_start & ~after_space) | (C & ~(C << 1));
-    starts |= (w_start & ~absorbed) | after_absorbed | (w_last & U & ~(N >> 1));
-    starts &= ~absorbed;
-    tails_after_newlines(after_absorbed);
+    add_whitespace(absorb(R, R & (P << 1)), w_last & U & ~(N >> 1));
   } else if constexpr (kFamily == Bulk::kGpt2) {
     starts = ((l_start | (N & ~(N << 1)) | o_start) & ~after_space) | w_start | w_last;
     // Contractions (lower case) at a "'" that starts a piece before a letter: the letter run then starts
@@ -674,9 +687,8 @@ SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) 
       const uint64_t run_start = absorbable & ~(absorbable << 1), rest = absorbable & ~absorbed_start;
       absorbed_start &= run_start | (rest + (run_start & rest));
     }
-    const uint64_t after_absorbed = (absorbable + absorbed_start) & ~absorbable & seen;
-    const uint64_t absorbed = absorbable & ~(absorbable + absorbed_start);
-    o_start = (o_start & ~absorbed) | (after_absorbed & O);
+    const Absorbed absorbed = absorb(absorbable, absorbed_start);
+    o_start = (o_start & ~absorbed.inside) | (absorbed.after & O);
     // Letters, and the prefix character a word takes.
     const uint64_t prefix = (l_start >> 1) & (U | (o_start & ~after_space));
     starts = prefix | (l_start & ~(prefix << 1));
@@ -684,9 +696,7 @@ SPARROW_INLINE uint64_t bulk_starts(const unsigned char* s, size_t n, size_t i) 
     starts |= digit_groups();
     // Punctuation runs, unless a space before them starts the piece.
     starts |= o_start & ~after_space;
-    starts |= (w_start & ~absorbed) | after_absorbed | (w_last & U);
-    starts &= ~absorbed;
-    tails_after_newlines(after_absorbed);
+    add_whitespace(absorbed, w_last & U);
     if constexpr (kFamily == Bulk::kO200k) {
       // A contraction right after a word is its suffix: no piece starts at the "'" or inside it. (Not
       // right after another suffix: "it's's" is "it's" then the word "'s".)

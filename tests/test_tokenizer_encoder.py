@@ -368,6 +368,54 @@ def test_batch_equals_single(vocabs):
     assert tok.encode_batch([]) == []
 
 
+def test_batch_lists_leave_the_collector_as_found(vocabs):
+    """encode_ordinary_batch pauses CPython's cyclic collector while it makes its lists and fills them
+    without the GIL: the collector's state is restored, the lists are tracked again (a cycle built
+    through one is collected), and collections run by another thread meanwhile see consistent lists."""
+    import gc
+    import threading
+    import weakref
+
+    tok, _ = vocabs[NAMES[-1]]
+    texts = corpus_samples() + EDGE_CASES
+    singles = [tok.encode_ordinary(t) for t in texts]
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            got = tok.encode_ordinary_batch(texts, num_threads=2)
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
+        assert got == singles and gc.is_tracked(got) and all(gc.is_tracked(ids) for ids in got)
+
+    class Box:
+        pass
+
+    got = tok.encode_ordinary_batch(texts, num_threads=2)
+    box = Box()
+    box.ids = got[0]
+    got[0].append(box)  # a cycle: list -> box -> list
+    ref = weakref.ref(box)
+    del box, got
+    gc.collect()
+    assert ref() is None
+
+    stop = threading.Event()
+
+    def collect():
+        while not stop.is_set():
+            gc.collect()
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    try:
+        for threads in (1, 2, 3) * 4:
+            assert tok.encode_ordinary_batch(texts, num_threads=threads) == singles
+    finally:
+        stop.set()
+        collector.join()
+
+
 def test_batch_workers_persist_across_calls_threads_and_fork(vocabs):
     """encode_batch's worker threads outlive a call (their piece caches stay warm): calls with other thread
     counts, from several Python threads at once, with two encoders in turn, and in a forked child (which

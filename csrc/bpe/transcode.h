@@ -4,8 +4,10 @@
 // Why not PyUnicode_AsUTF8AndSize: for a str with any non-ASCII character CPython encodes into a fresh
 // heap block one character at a time, and keeps that copy with the str for as long as it lives. On a
 // cold pass over mixed-script text that was 15-25% of encode_ordinary's time (C++ side included), on
-// Chinese ~10%. Here runs of ASCII go 16 (Latin-1) or 8 (UCS-2) units per step, and the caller reuses
-// one buffer per thread, which stays in cache for the encoder that reads it next.
+// Chinese ~10%. Here 16 (Latin-1) or 8 (UCS-2, UCS-4) units go per step, without a branch per unit: ASCII
+// as it is, other blocks of the Basic Multilingual Plane as one 32-bit store per unit (UCS-4 blocks with
+// an astral character go one unit at a time); the caller reuses one buffer per thread, which stays in
+// cache for the encoder that reads it next.
 #pragma once
 
 #include <cstddef>
@@ -102,6 +104,22 @@ inline void put_three_byte(__m128i u, unsigned char* d) {
   put_pair(static_cast<uint64_t>(_mm_cvtsi128_si64(w)), d);
   put_pair(static_cast<uint64_t>(_mm_cvtsi128_si64(_mm_unpackhi_epi64(w, w))), d + 6);
 }
+// 8 UCS-2 units (16-bit lanes) that are not all ASCII: their UTF-8 at d (writes up to 16 bytes past the
+// last unit's bytes); false on a surrogate. UCS-4 blocks that stay in the Basic Multilingual Plane
+// come here too, narrowed to 16 bits.
+inline bool put_bmp_block(__m128i v, unsigned char*& d) {
+  if (_mm_movemask_epi8(surrogate_units(v))) return false;
+  const unsigned from800 = static_cast<unsigned>(_mm_movemask_epi8(units_from_800(v)));
+  if (from800 == 0xFFFF) {  // CJK, kana, Hangul, most Indic scripts
+    const __m128i zero = _mm_setzero_si128();
+    put_three_byte(_mm_unpacklo_epi16(v, zero), d);
+    put_three_byte(_mm_unpackhi_epi16(v, zero), d + 12);
+    d += 24;
+  } else {
+    put_bmp(v, ~static_cast<unsigned>(_mm_movemask_epi8(ascii_units(v))) & 0xFFFF, from800, d);
+  }
+  return true;
+}
 #endif
 
 }  // namespace transcode_detail
@@ -116,8 +134,13 @@ inline size_t utf8_from_latin1(const uint8_t* s, size_t n, unsigned char* dst) {
     if (_mm_movemask_epi8(v) == 0) {  // 16 ASCII bytes are their own UTF-8
       _mm_storeu_si128(reinterpret_cast<__m128i*>(d), v);
       d += 16;
-    } else {
-      transcode_detail::put_units(s, i, i + 16, d);
+    } else {  // each half widened to 16-bit units: one or two bytes each, without a branch per unit
+      const __m128i zero = _mm_setzero_si128();
+      const __m128i lo = _mm_unpacklo_epi8(v, zero), hi = _mm_unpackhi_epi8(v, zero);
+      const unsigned high = static_cast<unsigned>(_mm_movemask_epi8(_mm_cmpgt_epi16(lo, _mm_set1_epi16(0x7F)))) |
+                            (static_cast<unsigned>(_mm_movemask_epi8(_mm_cmpgt_epi16(hi, _mm_set1_epi16(0x7F)))) << 16);
+      transcode_detail::put_bmp(lo, high & 0xFFFF, 0, d);
+      transcode_detail::put_bmp(hi, high >> 16, 0, d);
     }
   }
 #endif
@@ -131,23 +154,13 @@ inline size_t utf8_from_ucs2(const uint16_t* s, size_t n, unsigned char* dst) {
   size_t i = 0;
 #if defined(SPARROW_TRANSCODE_SSE2)
   using namespace transcode_detail;
-  const __m128i zero = _mm_setzero_si128();
   for (; i + 8 <= n; i += 8) {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
-    const __m128i ascii = ascii_units(v);
-    if (_mm_movemask_epi8(ascii) == 0xFFFF) {  // 8 ASCII units: their low bytes
+    if (_mm_movemask_epi8(ascii_units(v)) == 0xFFFF) {  // 8 ASCII units: their low bytes
       _mm_storel_epi64(reinterpret_cast<__m128i*>(d), _mm_packus_epi16(v, v));
       d += 8;
-      continue;
-    }
-    if (_mm_movemask_epi8(surrogate_units(v))) return kHasSurrogate;
-    const unsigned from800 = static_cast<unsigned>(_mm_movemask_epi8(units_from_800(v)));
-    if (from800 == 0xFFFF) {  // CJK, kana, Hangul, most Indic scripts
-      put_three_byte(_mm_unpacklo_epi16(v, zero), d);
-      put_three_byte(_mm_unpackhi_epi16(v, zero), d + 12);
-      d += 24;
-    } else {
-      put_bmp(v, ~static_cast<unsigned>(_mm_movemask_epi8(ascii)) & 0xFFFF, from800, d);
+    } else if (!put_bmp_block(v, d)) {
+      return kHasSurrogate;
     }
   }
 #endif
@@ -171,6 +184,11 @@ inline size_t utf8_from_ucs4(const uint32_t* s, size_t n, unsigned char* dst) {
       const __m128i w = _mm_packs_epi32(a, b);  // 8 ASCII units: 32 -> 16 -> 8 bits, no saturation
       _mm_storel_epi64(reinterpret_cast<__m128i*>(d), _mm_packus_epi16(w, w));
       d += 8;
+    } else if (_mm_movemask_epi8(_mm_cmpeq_epi32(_mm_or_si128(_mm_srli_epi32(a, 16), _mm_srli_epi32(b, 16)), zero)) == 0xFFFF) {
+      // All 8 in the Basic Multilingual Plane (a str holding one emoji stores all its text this way):
+      // narrowed to 16 bits (sign-extended so the signed pack keeps them) and written as UCS-2 is.
+      const __m128i v = _mm_packs_epi32(_mm_srai_epi32(_mm_slli_epi32(a, 16), 16), _mm_srai_epi32(_mm_slli_epi32(b, 16), 16));
+      if (!transcode_detail::put_bmp_block(v, d)) return kHasSurrogate;
     } else if (!transcode_detail::put_units(s, i, i + 8, d)) {
       return kHasSurrogate;
     }

@@ -584,6 +584,24 @@ PYBIND11_MODULE(_bpe, m) {
             }
             return py::bytes(out);
           }, py::arg("ids"))
+      .def("decode_bytes_batch", [](const Encoder& e, const py::iterable& batch, py::object num_threads) {
+            // Ids are read with the GIL held (they are Python ints), decoded on the worker pool without it.
+            std::vector<std::vector<uint32_t>> ids;
+            for (const auto& item : batch) ids.push_back(to_ids(py::reinterpret_borrow<py::iterable>(item), e.vocab_size()));
+            std::vector<std::string> outs(ids.size());
+            const size_t threads = thread_count(num_threads, ids.size());
+            WorkerPool& pool = WorkerPool::get();
+            {
+              py::gil_scoped_release nogil;
+              parallel_for(pool, ids.size(), threads, [&](size_t i) {
+                e.decode(ids[i].data(), ids[i].size(), outs[i]);
+                std::vector<uint32_t>().swap(ids[i]);
+              });
+            }
+            py::list result(outs.size());
+            for (size_t i = 0; i < outs.size(); ++i) result[i] = py::bytes(outs[i]);
+            return result;
+          }, py::arg("batch"), py::arg("num_threads"))
       .def("encode_piece", [](const Encoder& e, py::bytes piece) {
             std::string s = piece;
             std::vector<uint32_t> out;

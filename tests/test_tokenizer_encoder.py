@@ -442,6 +442,38 @@ def _batch_in_child(tok, texts):
     return tok.encode_ordinary_batch(texts, num_threads=3)
 
 
+def _valid_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_decode_batch_equals_single(vocabs):
+    tok, ref = vocabs[NAMES[-1]]
+    texts = corpus_samples() + EDGE_CASES
+    batch = [tok.encode_ordinary(t) for t in texts]
+    # A character cut between sequences: each is decoded on its own, with the replacement character.
+    cut = next(ids for ids in map(tok.encode_ordinary, ["\U0001D518", "\uA66E", "\U0001F600", "\u0D9E"])
+               if not _valid_utf8(tok.decode_bytes(ids[:1])))
+    batch += [cut[:1], tuple(cut), iter(cut)]
+    want_bytes = [tok.decode_bytes(list(ids)) for ids in batch[:-1]] + [tok.decode_bytes(cut)]
+    for threads in (1, 2, 3, None):
+        assert tok.decode_bytes_batch(batch[:-1] + [iter(cut)], num_threads=threads) == want_bytes
+        assert tok.decode_batch(batch[:-1] + [iter(cut)], num_threads=threads) == [
+            b.decode("utf-8", errors="replace") for b in want_bytes]
+    assert tok.decode_batch(batch[:len(texts)], num_threads=2) == texts
+    assert tok.decode_batch([cut[:1]], errors="ignore") == [""]
+    assert tok.decode_batch([]) == [] and tok.decode_bytes_batch([[]]) == [b""]
+    with pytest.raises(IndexError, match="out of range"):
+        tok.decode_batch([[1, 2], [tok.vocab_size]], num_threads=2)
+    with pytest.raises(TypeError):
+        tok.decode_batch([[1, "x"]])
+    with pytest.raises(ValueError, match="num_threads"):
+        tok.decode_batch([[1]], num_threads=0)
+
+
 def test_decode(vocabs):
     tok, ref = vocabs[NAMES[0]]
     text = "héllo 世界 👍"

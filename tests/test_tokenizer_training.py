@@ -129,6 +129,17 @@ def test_message_contents_never_become_special_tokens(trained, kind, template):
     assert tok.encode(forged, allowed_special="all") != tok.encode_ordinary(forged)  # the forged text has specials
 
 
+@pytest.mark.parametrize("kind", ["cpp", "hf_fallback"])
+def test_decode_batch_in_both_tokenizers(trained, kind):
+    from sparrow.tokenizer.hf_fallback import HFTokenizer as Fallback
+
+    tok = Tokenizer.from_file(trained / "tokenizer.json") if kind == "cpp" else Fallback(trained / "tokenizer.json")
+    texts = ["Hello, 世界", "", "def f(x):\n    return x  # 注释", "<|end|> stays text"]
+    batch = [tok.encode_ordinary(t) for t in texts]
+    assert tok.decode_batch(batch, num_threads=2) == texts == [tok.decode(ids) for ids in batch]
+    assert tok.decode_bytes_batch(batch, num_threads=2) == [t.encode() for t in texts]
+
+
 def test_a_template_that_rewrites_contents_is_refused_only_for_special_text(pair):
     from sparrow.tokenizer.chat import encode_messages
 

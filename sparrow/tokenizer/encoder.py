@@ -249,6 +249,16 @@ class Tokenizer:
         """The text of ``ids``; invalid UTF-8 (a character cut between tokens) is replaced with U+FFFD."""
         return self._enc.decode_bytes(ids).decode("utf-8", errors=errors)
 
+    def decode_bytes_batch(self, batch: Sequence[Iterable[int]], *, num_threads: int | None = None) -> list[bytes]:
+        """The bytes of each id sequence, decoded on up to ``num_threads`` threads (default: one per core)
+        without the GIL."""
+        return self._enc.decode_bytes_batch(batch, num_threads)
+
+    def decode_batch(self, batch: Sequence[Iterable[int]], *, errors: str = "replace",
+                     num_threads: int | None = None) -> list[str]:
+        """``decode`` of each id sequence (tiktoken's ``decode_batch``), the bytes decoded in parallel."""
+        return [b.decode("utf-8", errors=errors) for b in self.decode_bytes_batch(batch, num_threads=num_threads)]
+
     @property
     def vocab_size(self) -> int:
         """Largest id + 1, special tokens included."""

@@ -92,6 +92,13 @@ class HFTokenizer:
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.decode(ids).encode("utf-8")
 
+    def decode_batch(self, batch: Sequence[Iterable[int]], *, errors: str = "replace",
+                     num_threads: int | None = None) -> list[str]:
+        return self._tok.decode_batch([list(ids) for ids in batch], skip_special_tokens=False)
+
+    def decode_bytes_batch(self, batch: Sequence[Iterable[int]], *, num_threads: int | None = None) -> list[bytes]:
+        return [t.encode("utf-8") for t in self.decode_batch(batch)]
+
     @property
     def vocab_size(self) -> int:
         """Largest id + 1, added tokens included."""

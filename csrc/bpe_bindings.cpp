@@ -436,18 +436,23 @@ class CollectorPaused {
 // with the GIL held, then filled without it: a new list's slots are memory only this call can reach,
 // and storing the shared ints writes nothing to them (prepaid counts), so the fill, a gather of one
 // pointer per id, runs in parallel. The lists are untracked while they are filled, so a collection
-// started by another thread meanwhile (gc.collect() works while the collector is paused) never walks a
-// list being written. Each text's ids are freed by the thread that fills its list.
+// started by another thread meanwhile never walks a list being written. Each text's ids are freed by
+// the thread that fills its list. (If a list failed to be made, the ones before it are freed untracked,
+// which CPython allows.)
 py::list to_lists(std::vector<std::vector<uint32_t>>& outs, size_t threads) {
-  CollectorPaused paused;
   const size_t count = outs.size();
   py::list result(count);
   std::vector<PyObject*> lists(count);
-  for (size_t i = 0; i < count; ++i) {
-    PyObject* list = PyList_New(static_cast<Py_ssize_t>(outs[i].size()));
-    if (!list) throw py::error_already_set();
-    PyList_SET_ITEM(result.ptr(), static_cast<Py_ssize_t>(i), list);  // result owns it from here
-    lists[i] = list;
+  {
+    // Paused only while the GIL is held, so no other thread ever sees the collector off.
+    CollectorPaused paused;
+    for (size_t i = 0; i < count; ++i) {
+      PyObject* list = PyList_New(static_cast<Py_ssize_t>(outs[i].size()));
+      if (!list) throw py::error_already_set();
+      PyList_SET_ITEM(result.ptr(), static_cast<Py_ssize_t>(i), list);  // result owns it from here
+      lists[i] = list;
+      if constexpr (kPrepaidIds) PyObject_GC_UnTrack(list);
+    }
   }
   if constexpr (!kPrepaidIds) {  // each store is an increment: keep them under the GIL
     for (size_t i = 0; i < count; ++i)
@@ -455,7 +460,6 @@ py::list to_lists(std::vector<std::vector<uint32_t>>& outs, size_t threads) {
         fill_missing(list_items(lists[i]), outs[i].data(), outs[i].size());
     return result;
   }
-  for (PyObject* list : lists) PyObject_GC_UnTrack(list);
   std::vector<char> partial(count, 0);
   WorkerPool& pool = WorkerPool::get();
   {

@@ -371,7 +371,8 @@ def test_batch_equals_single(vocabs):
 def test_batch_lists_leave_the_collector_as_found(vocabs):
     """encode_ordinary_batch pauses CPython's cyclic collector while it makes its lists and fills them
     without the GIL: the collector's state is restored, the lists are tracked again (a cycle built
-    through one is collected), and collections run by another thread meanwhile see consistent lists."""
+    through one is collected), and another thread meanwhile never sees the collector off and its
+    collections see consistent lists."""
     import gc
     import threading
     import weakref
@@ -401,9 +402,12 @@ def test_batch_lists_leave_the_collector_as_found(vocabs):
     assert ref() is None
 
     stop = threading.Event()
+    seen_disabled = []
 
     def collect():
         while not stop.is_set():
+            if not gc.isenabled():  # the pause never outlasts the GIL: other threads never see it
+                seen_disabled.append(True)
             gc.collect()
 
     collector = threading.Thread(target=collect)
@@ -414,6 +418,7 @@ def test_batch_lists_leave_the_collector_as_found(vocabs):
     finally:
         stop.set()
         collector.join()
+    assert not seen_disabled
 
 
 def test_batch_workers_persist_across_calls_threads_and_fork(vocabs):

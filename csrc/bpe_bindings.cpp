@@ -209,11 +209,15 @@ void fill_missing(PyObject** items, const uint32_t* id, size_t n) {
 
 PyObject** list_items(PyObject* list) { return reinterpret_cast<PyListObject*>(list)->ob_item; }
 
+// Fills a new list of ids.size() slots with the ids (GIL held).
+void fill_list(PyObject* list, const std::vector<uint32_t>& ids) {
+  if (!fill_items(list_items(list), ids.data(), ids.size())) fill_missing(list_items(list), ids.data(), ids.size());
+}
+
 py::list to_list(const std::vector<uint32_t>& ids) {
   py::list list = py::reinterpret_steal<py::list>(PyList_New(static_cast<Py_ssize_t>(ids.size())));
   if (!list) throw py::error_already_set();
-  if (!fill_items(list_items(list.ptr()), ids.data(), ids.size()))
-    fill_missing(list_items(list.ptr()), ids.data(), ids.size());
+  fill_list(list.ptr(), ids);
   return list;
 }
 
@@ -363,10 +367,11 @@ class WorkerPool {
   uint64_t generation_ = 0;
 };
 
-// Runs fn(i) for i in [0, count) on `threads` threads (the caller and threads - 1 pool workers); the
-// first exception is rethrown. `pool` comes from WorkerPool::get() while the GIL was held.
+// Runs fn(i) for i in [0, count) on `threads` threads (the caller and threads - 1 pool workers) without
+// the GIL; the first exception is rethrown once the GIL is back. Call with the GIL held.
 template <class F>
-void parallel_for(WorkerPool& pool, size_t count, size_t threads, F&& fn) {
+void parallel_for(size_t count, size_t threads, F&& fn) {
+  WorkerPool& pool = WorkerPool::get();
   std::atomic<size_t> next{0};
   std::exception_ptr error;
   std::atomic<bool> failed{false};
@@ -381,11 +386,14 @@ void parallel_for(WorkerPool& pool, size_t count, size_t threads, F&& fn) {
       }
     }
   };
-  if (threads <= 1) {
-    worker();
-  } else {
-    const std::function<void()> job(worker);
-    pool.run(threads - 1, job);
+  {
+    py::gil_scoped_release nogil;
+    if (threads <= 1) {
+      worker();
+    } else {
+      const std::function<void()> job(worker);
+      pool.run(threads - 1, job);
+    }
   }
   if (error) std::rethrow_exception(error);
 }
@@ -396,18 +404,13 @@ template <class F>
 std::vector<std::vector<uint32_t>> encode_each(const py::iterable& texts, py::object num_threads, F&& encode) {
   Batch b = collect(texts);
   std::vector<std::vector<uint32_t>> outs(b.texts.size());
-  const size_t threads = thread_count(num_threads, b.texts.size());
-  WorkerPool& pool = WorkerPool::get();
-  {
-    py::gil_scoped_release nogil;
-    parallel_for(pool, b.texts.size(), threads, [&](size_t i) {
-      std::string_view s;
-      if (!b.utf8(i, s)) return;
-      outs[i].reserve(s.size() / 3 + 4);
-      encode(s, outs[i]);
-      trim_utf8_buffer();
-    });
-  }
+  parallel_for(b.texts.size(), thread_count(num_threads, b.texts.size()), [&](size_t i) {
+    std::string_view s;
+    if (!b.utf8(i, s)) return;
+    outs[i].reserve(s.size() / 3 + 4);
+    encode(s, outs[i]);
+    trim_utf8_buffer();
+  });
   b.rethrow_refused();
   return outs;
 }
@@ -455,23 +458,17 @@ py::list to_lists(std::vector<std::vector<uint32_t>>& outs, size_t threads) {
     }
   }
   if constexpr (!kPrepaidIds) {  // each store is an increment: keep them under the GIL
-    for (size_t i = 0; i < count; ++i)
-      if (!fill_items(list_items(lists[i]), outs[i].data(), outs[i].size()))
-        fill_missing(list_items(lists[i]), outs[i].data(), outs[i].size());
+    for (size_t i = 0; i < count; ++i) fill_list(lists[i], outs[i]);
     return result;
   }
   std::vector<char> partial(count, 0);
-  WorkerPool& pool = WorkerPool::get();
-  {
-    py::gil_scoped_release nogil;
-    parallel_for(pool, count, threads, [&](size_t i) {
-      if (!fill_items(list_items(lists[i]), outs[i].data(), outs[i].size())) partial[i] = 1;
-      else std::vector<uint32_t>().swap(outs[i]);
-    });
-  }
+  parallel_for(count, threads, [&](size_t i) {
+    if (!fill_items(list_items(lists[i]), outs[i].data(), outs[i].size())) partial[i] = 1;
+    else std::vector<uint32_t>().swap(outs[i]);
+  });
   for (PyObject* list : lists) PyObject_GC_Track(list);
   for (size_t i = 0; i < count; ++i)
-    if (partial[i]) fill_missing(list_items(lists[i]), outs[i].data(), outs[i].size());
+    if (partial[i]) fill_list(lists[i], outs[i]);
   return result;
 }
 
@@ -593,15 +590,10 @@ PYBIND11_MODULE(_bpe, m) {
             std::vector<std::vector<uint32_t>> ids;
             for (const auto& item : batch) ids.push_back(to_ids(py::reinterpret_borrow<py::iterable>(item), e.vocab_size()));
             std::vector<std::string> outs(ids.size());
-            const size_t threads = thread_count(num_threads, ids.size());
-            WorkerPool& pool = WorkerPool::get();
-            {
-              py::gil_scoped_release nogil;
-              parallel_for(pool, ids.size(), threads, [&](size_t i) {
-                e.decode(ids[i].data(), ids[i].size(), outs[i]);
-                std::vector<uint32_t>().swap(ids[i]);
-              });
-            }
+            parallel_for(ids.size(), thread_count(num_threads, ids.size()), [&](size_t i) {
+              e.decode(ids[i].data(), ids[i].size(), outs[i]);
+              std::vector<uint32_t>().swap(ids[i]);
+            });
             py::list result(outs.size());
             for (size_t i = 0; i < outs.size(); ++i) result[i] = py::bytes(outs[i]);
             return result;

@@ -456,7 +456,7 @@ def _valid_utf8(b: bytes) -> bool:
 
 
 def test_decode_batch_equals_single(vocabs):
-    tok, ref = vocabs[NAMES[-1]]
+    tok, _ = vocabs[NAMES[-1]]
     texts = corpus_samples() + EDGE_CASES
     batch = [tok.encode_ordinary(t) for t in texts]
     # A character cut between sequences: each is decoded on its own, with the replacement character.

@@ -4,6 +4,7 @@ backends, torch SDPA with each of its backends (flash, efficient, cuDNN) and fla
 
     python benchmarks/bench_attention.py            # batch x seqlen = 16k tokens, seqlen 512-16k, hd 64/128
     python benchmarks/bench_attention.py --quick    # a few small shapes (runs on a CPU too, slowly)
+    python benchmarks/bench_attention.py --seqlens 1024,4096,16384 --head-dims 128   # a shorter sweep
 
 FLOPs counted as flash-attention's benchmarks do: 4 * B * H * T^2 * D for the forward (two matmuls), halved
 when causal; the backward is 2.5x the forward (five matmuls, one of them the recomputed QK^T).
@@ -64,6 +65,24 @@ def implementations(device: str) -> dict:
     return impls
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _progress(row: dict) -> None:
+    label = f"attention {row['impl']} hd{row['head_dim']} {'causal' if row['causal'] else 'full'} T={row['seqlen']}"
+    if "error" in row:
+        print(f"{label}: {row['error']}", flush=True)
+    else:
+        print(f"{label}: fwd {row['fwd_tflops']:.0f} bwd {row['bwd_tflops']:.0f} TFLOP/s", flush=True)
+
+
 def _flops(batch, seq, heads, head_dim, causal) -> float:
     fwd = 4.0 * batch * heads * seq * seq * head_dim
     return fwd / 2 if causal else fwd
@@ -117,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes")
     p.add_argument("--out", help="JSON path (default benchmarks/results/<device>/attention.json)")
     p.add_argument("--impl", action="append", help="only these implementations (repeatable)")
+    p.add_argument("--seqlens", type=_ints, help="comma-separated sequence lengths instead of the default sweep")
+    p.add_argument("--head-dims", type=_ints, help="comma-separated head dims instead of the default 64,128")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,6 +146,10 @@ def main(argv=None) -> int:
         seqlens, head_dims, tokens, warmup, rep = [128, 512], [64], 1024, 5, 20
     else:
         seqlens, head_dims, tokens, warmup, rep = [512, 1024, 2048, 4096, 8192, 16384], [64, 128], TOKENS, 25, 100
+    seqlens, head_dims = args.seqlens or seqlens, args.head_dims or head_dims
+    meta = device_info()
+    meta.update(dtype=str(dtype).removeprefix("torch."), tokens=tokens, hidden=HIDDEN, quick=args.quick,
+                flops="fwd 4*B*H*T^2*D (/2 causal), bwd 2.5x fwd")
     impls = implementations(device)
     if args.impl:
         impls = {k: v for k, v in impls.items() if k in args.impl}
@@ -135,12 +160,11 @@ def main(argv=None) -> int:
                 batch = max(tokens // seq, 1)
                 for name, fn in impls.items():
                     rows.append(bench_one(name, fn, batch, seq, head_dim, causal, dtype, device, warmup, rep))
+                    # Written after every row: a run stopped at a time limit keeps what it measured.
+                    write_results("attention", rows, meta, out=args.out)
+                    _progress(rows[-1])
                     if device == "cuda":
                         torch.cuda.empty_cache()
-
-    meta = device_info()
-    meta.update(dtype=str(dtype).removeprefix("torch."), tokens=tokens, hidden=HIDDEN, quick=args.quick,
-                flops="fwd 4*B*H*T^2*D (/2 causal), bwd 2.5x fwd")
     path = write_results("attention", rows, meta, out=args.out)
     print_table(rows, ["impl", "head_dim", "causal", "seqlen", "fwd_tflops", "bwd_tflops", "fwd_bwd_tflops",
                        "fwd_ms", "fwd_model_ms", "bwd_ms", "bwd_model_ms", "fwd_bwd_peak_mib", "error"])

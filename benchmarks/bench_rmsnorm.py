@@ -5,6 +5,7 @@ torch.compiled reference and Liger-Kernel (when installed). bf16 by default.
 
     python benchmarks/bench_rmsnorm.py            # tokens 4k-64k x hidden 1024-16384
     python benchmarks/bench_rmsnorm.py --quick    # small shapes (runs on a CPU too: reference and native CPU)
+    python benchmarks/bench_rmsnorm.py --shapes 16384x2048,16384x8192   # tokens x hidden
 
 Bytes counted are the minimum traffic: forward reads x (and residual) and writes y (and the sum); backward
 reads dy, x (and the residual gradient) and writes dx. Weights, rstd and dW partials are left out, so the
@@ -21,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import bandwidth_parser, device_info, print_fwd_bwd, report_bandwidth  # noqa: E402
-from benchmarks.common import model_ms, select_impls, time_fwd_bwd  # noqa: E402
+from benchmarks.common import model_ms, save_bandwidth, select_impls, time_fwd_bwd  # noqa: E402
 from sparrow import ops  # noqa: E402
 from sparrow.ops import reference  # noqa: E402
 from sparrow.testing import assert_close  # noqa: E402
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     else:
         shapes = [(t, h) for t in (4096, 16384, 65536) for h in (1024, 2048, 4096, 8192, 16384)]
         warmup, rep = (25, 100)
+    shapes = args.shapes or shapes
     meta = device_info()
     meta.update(dtype=args.dtype, eps=EPS, quick=args.quick)
     peak = meta.get("peak_bandwidth_gbs")
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
                 row = {"op": op, "impl": name, "tokens": tokens, "hidden": hidden, "shape": f"{tokens}x{hidden}"}
                 row.update(bench_one(op, name, fn, tokens, hidden, dtype, device, peak, warmup, rep))
                 rows.append(row)
+                save_bandwidth("rmsnorm", rows, meta, out=args.out)
                 print_fwd_bwd(f"{op} {name} {tokens}x{hidden}", row)
     columns = ["op", "impl", "tokens", "hidden", "fwd_ms", "fwd_model_ms", "bwd_ms", "bwd_model_ms", "fwd_bwd_ms", "fwd_pct_peak", "bwd_pct_peak",
                "fwd_bwd_pct_peak", "peak_mem_mib", "error"]

@@ -5,6 +5,7 @@ torch.compiled reference and Liger-Kernel (when installed). bf16, per-token cos/
 
     python benchmarks/bench_rope.py            # tokens 4k-64k x (heads * head_dim) 1024-16384
     python benchmarks/bench_rope.py --quick    # small shapes (runs on a CPU too)
+    python benchmarks/bench_rope.py --shapes 4x4096x16,8x8192x32   # batch x seq x query heads
 
 Bytes counted: q and k read and written once each way, plus the cos/sin rows.
 """
@@ -19,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import bandwidth_parser, device_info, print_fwd_bwd, report_bandwidth  # noqa: E402
-from benchmarks.common import model_ms, select_impls, time_fwd_bwd  # noqa: E402
+from benchmarks.common import model_ms, save_bandwidth, select_impls, time_fwd_bwd  # noqa: E402
 from sparrow import ops  # noqa: E402
 from sparrow.ops import reference  # noqa: E402
 from sparrow.testing import assert_close  # noqa: E402
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     else:
         shapes = [(b, s, h) for b, s in ((1, 4096), (4, 4096), (8, 8192)) for h in (8, 16, 32, 64, 128)]
         warmup, rep = 25, 100
+    shapes = args.shapes or shapes
     meta = device_info()
     meta.update(dtype=args.dtype, head_dim=HEAD_DIM, kv_heads=KV_HEADS, quick=args.quick)
     peak = meta.get("peak_bandwidth_gbs")
@@ -106,6 +108,7 @@ def main(argv=None) -> int:
                    "hidden": heads * HEAD_DIM, "shape": f"{batch * seq}x{heads}x{HEAD_DIM}"}
             row.update(bench_one(name, fn, batch, seq, heads, dtype, device, peak, warmup, rep))
             rows.append(row)
+            save_bandwidth("rope", rows, meta, out=args.out)
             print_fwd_bwd(f"rope {name} {row['shape']}", row)
     report_bandwidth("rope", "RoPE", rows, meta, ["impl", "tokens", "hidden", "fwd_ms", "fwd_model_ms", "bwd_ms", "bwd_model_ms", "fwd_bwd_ms",
                      "fwd_pct_peak", "bwd_pct_peak", "fwd_bwd_pct_peak", "peak_mem_mib", "error"], out=args.out)

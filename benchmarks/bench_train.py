@@ -534,36 +534,6 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     if device.type == "cuda" and peak is None:
         print(f"no bf16 peak known for {gpu!r}: MFU left empty", flush=True)
-    rows, errors = [], False
-    for preset in presets:
-        config = SparrowConfig.from_preset(preset)
-        if device.type == "cuda":
-            # Weights, gradients and the two AdamW moments, all float32: 16 bytes a parameter before activations.
-            states = 16 * config.num_parameters()
-            total = torch.cuda.get_device_properties(device).total_memory
-            if states > 0.8 * total:
-                reason = f"{states / 2**30:.1f} GiB of parameters and optimizer state exceed 80% of the GPU's {total / 2**30:.0f} GiB"
-                rows.append({"kind": "train", "preset": preset, "variant": "all", "status": "skipped", "reason": reason})
-                print(f"{preset}: skipped: {reason}", flush=True)
-                continue
-        new_rows, failed = train_rows(preset, config, args, device, variants, peak)
-        rows += new_rows
-        errors |= failed
-        if not args.no_transformers:
-            new_rows, failed = transformers_rows(preset, config, args, device)
-            rows += new_rows
-            errors |= failed
-        if not args.no_generate:
-            new_rows, failed = generation_rows(preset, config, args, device)
-            rows += new_rows
-            errors |= failed
-
-    print_tables(rows)
-    plot_y = ["tokens_per_s"]
-    if any(r.get("mfu") is not None for r in rows):
-        plot_y.append("mfu")
-    if any(r.get("decode_tokens_per_s") is not None for r in rows):
-        plot_y.append("decode_tokens_per_s")
     meta = {
         "benchmark": "train",
         **device_info(),
@@ -582,7 +552,45 @@ def main() -> int:
                   "the variant. Generation: batch 1, greedy, weights in `precision`, decode tokens/s after the "
                   "first token (prefill reported apart), median of repeats.",
     }
-    path = write_results("train", rows, meta, plot={"x": "preset", "y": plot_y, "series": "variant"}, out=args.out)
+
+    def save(rows: list[dict]):
+        # Written after each group of rows as well: a run stopped at a time limit keeps what it measured.
+        plot_y = ["tokens_per_s"]
+        if any(r.get("mfu") is not None for r in rows):
+            plot_y.append("mfu")
+        if any(r.get("decode_tokens_per_s") is not None for r in rows):
+            plot_y.append("decode_tokens_per_s")
+        return write_results("train", rows, meta, plot={"x": "preset", "y": plot_y, "series": "variant"}, out=args.out)
+
+    rows, errors = [], False
+    for preset in presets:
+        config = SparrowConfig.from_preset(preset)
+        if device.type == "cuda":
+            # Weights, gradients and the two AdamW moments, all float32: 16 bytes a parameter before activations.
+            states = 16 * config.num_parameters()
+            total = torch.cuda.get_device_properties(device).total_memory
+            if states > 0.8 * total:
+                reason = f"{states / 2**30:.1f} GiB of parameters and optimizer state exceed 80% of the GPU's {total / 2**30:.0f} GiB"
+                rows.append({"kind": "train", "preset": preset, "variant": "all", "status": "skipped", "reason": reason})
+                print(f"{preset}: skipped: {reason}", flush=True)
+                continue
+        new_rows, failed = train_rows(preset, config, args, device, variants, peak)
+        rows += new_rows
+        errors |= failed
+        save(rows)
+        if not args.no_transformers:
+            new_rows, failed = transformers_rows(preset, config, args, device)
+            rows += new_rows
+            errors |= failed
+            save(rows)
+        if not args.no_generate:
+            new_rows, failed = generation_rows(preset, config, args, device)
+            rows += new_rows
+            errors |= failed
+            save(rows)
+
+    print_tables(rows)
+    path = save(rows)
     print(f"\nwrote {path}")
     return 1 if errors else 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import subprocess
@@ -47,6 +48,9 @@ def device_slug(name: str | None = None) -> str:
 
 
 def _git_commit() -> str | None:
+    # A lent GPU machine gets the working tree without its .git: the run names the commit it was sent from.
+    if os.environ.get("SPARROW_COMMIT"):
+        return os.environ["SPARROW_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -183,7 +187,20 @@ def bandwidth_parser(description: str, name: str, impls: str):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--impls", default=None, help=f"comma-separated subset of {impls}")
     p.add_argument("--out", default=None, help=f"JSON path (default benchmarks/results/<device>/{name}.json)")
+    p.add_argument("--shapes", default=None, type=parse_shapes,
+                   help="comma-separated shapes instead of the default sweep, each written AxB[xC] (see the usage)")
     return p
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """``"16384x2048,4x4096x32"`` -> ``[(16384, 2048), (4, 4096, 32)]``: a short sweep for a GPU lent for minutes."""
+    try:
+        shapes = [tuple(int(n) for n in item.lower().split("x")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"shapes: expected comma-separated AxB[xC] integers, got {text!r}") from None
+    if not shapes or any(n <= 0 for shape in shapes for n in shape):
+        raise ValueError(f"shapes: expected positive sizes, got {text!r}")
+    return shapes
 
 
 def select_impls(impls: dict, device: str, wanted: str | None) -> dict:
@@ -202,12 +219,17 @@ def print_fwd_bwd(label: str, row: dict) -> None:
 def report_bandwidth(name: str, title: str, rows: list[dict], meta: dict, columns: list[str],
                      out: str | Path | None = None) -> Path:
     """The end of a memory-bound benchmark: its JSON and GB/s plot written, its table printed."""
-    plot = {"x": "shape", "series": "impl", "y": ["fwd_gbs", "bwd_gbs"]}
-    path = write_results(name, rows, meta, out=out, plot=plot)
+    path = save_bandwidth(name, rows, meta, out=out)
     print(f"\n{title}, {meta['dtype']}, {meta['device']} (peak {meta.get('peak_bandwidth_gbs')} GB/s)")
     print_table(rows, columns)
     print(f"\nwrote {path}")
     return path
+
+
+def save_bandwidth(name: str, rows: list[dict], meta: dict, out: str | Path | None = None) -> Path:
+    """A memory-bound benchmark's JSON with its GB/s plot spec; also written after every row, so a run stopped at a
+    time limit keeps what it measured."""
+    return write_results(name, rows, meta, out=out, plot={"x": "shape", "series": "impl", "y": ["fwd_gbs", "bwd_gbs"]})
 
 
 def write_results(name: str, rows: list[dict], meta: dict, *, plot: dict | None = None, out: str | Path | None = None) -> Path:

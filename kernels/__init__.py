@@ -9,9 +9,9 @@ import sys as _sys
 if __name__ == "kernels":
     # Found as a top-level package: the repository root is on sys.path (`python -m pytest` or `python -m
     # sparrow` run from a checkout put the working directory there). This directory is sparrow.kernels; the
-    # top-level name belongs to Hugging Face's `kernels` package, which transformers (>= 5.25) imports
-    # whenever it builds a model and which would otherwise find this one. Load that package in our place,
-    # or fail as a missing package does.
+    # top-level name belongs to Hugging Face's `kernels` package, which transformers imports whenever it
+    # builds a model and which would otherwise find this one. Load that package in our place when it is
+    # installed.
     import importlib.machinery as _machinery
     import importlib.util as _util
     import os as _os
@@ -20,8 +20,15 @@ if __name__ == "kernels":
     _spec = _machinery.PathFinder.find_spec(
         "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
     if _spec is None:
-        raise ModuleNotFoundError("No module named 'kernels' (the repository's kernels/ is sparrow.kernels)",
-                                  name="kernels")
-    _module = _util.module_from_spec(_spec)
-    _sys.modules["kernels"] = _module  # the import statement hands out what sys.modules holds after this
-    _spec.loader.exec_module(_module)
+        # Not installed. transformers probes the name with find_spec (which finds this directory) and, with no
+        # distribution metadata, imports it and reads __version__; an exception here escapes that probe and
+        # breaks every model class (seen with transformers 5.17 on a GPU machine without Hugging Face's
+        # package). So stay importable, but empty: no __version__ reads as "not installed", and any name taken
+        # from this module fails with the reason.
+        def __getattr__(name):
+            raise AttributeError(f"module 'kernels' has no attribute {name!r}: Hugging Face's kernels package is "
+                                 "not installed, and the repository's kernels/ is sparrow.kernels")
+    else:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # the import statement hands out what sys.modules holds after this
+        _spec.loader.exec_module(_module)

@@ -3,6 +3,8 @@ the custom ops' registrations (opcheck), torch.compile, and argument errors."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -100,7 +102,9 @@ def test_opcheck_triton_attention():
     v = torch.randn(1, 9, 2, 32, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     _opcheck(ta._fwd, (q, k, v, True, 0.2))
     o, lse = ta._fwd(q, k, v, True, 0.2)
-    _opcheck(ta._bwd, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, True, 0.2))
+    # lse.detach(): the saved statistics are an input of the backward, not something to differentiate through
+    # (opcheck's AOT test would otherwise ask for the backward's own backward).
+    _opcheck(ta._bwd, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), True, 0.2))
 
 
 def test_opcheck_triton_varlen_and_decode():
@@ -125,7 +129,7 @@ def test_opcheck_cuda_attention():
     v = torch.randn(2, 90, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     _opcheck(torch.ops.sparrow_C.attention_fwd.default, (q, k, v, True, 0.125))
     o, lse = torch.ops.sparrow_C.attention_fwd(q, k, v, True, 0.125)
-    args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, True, 0.125)
+    args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), True, 0.125)
     _opcheck(torch.ops.sparrow_C.attention_bwd.default, args)
 
 def test_compile_triton_attention_fullgraph():
@@ -193,3 +197,26 @@ def test_kv_cache_errors():
     with pytest.raises(ValueError, match="kv_heads"):
         ops.attention_with_kv_cache(q, torch.randn(2, 10, 3, 32), torch.randn(2, 10, 3, 32),
                                     torch.tensor([5, 5], dtype=torch.int32))
+
+
+def test_cuda_attention_layout_check_traces_with_fake_tensors():
+    """The cuda backend's 16-byte layout check runs in its forward and backward; under torch.compile (and
+    opcheck's AOT test) the tensors are fakes without a data pointer, which failed on an H200."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparrow.ops import cuda_attention
+
+    if not hasattr(cuda_attention, "_vectors"):
+        pytest.skip("sparrow._C was built without the attention kernels")
+    # A data_ptr() of a fake is an error on the GPU builds and a deprecation warning on others: fail on both.
+    with FakeTensorMode(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = torch.empty(2, 16, 4, 64, dtype=torch.bfloat16)
+        assert cuda_attention._vectors(t) is t
+        shifted = torch.empty(2 * 16 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 16, 4, 64)  # 2 bytes off
+        assert not cuda_attention._vector_friendly(shifted)
+        copied = cuda_attention._vectors(shifted)
+        assert copied is not shifted and copied.storage_offset() == 0
+    real = torch.empty(2 * 16 * 4 * 64 + 8, dtype=torch.bfloat16)
+    assert cuda_attention._vector_friendly(real[8:].view(2, 16, 4, 64))  # 16 bytes off: still aligned
+    assert not cuda_attention._vector_friendly(real[4:-4].view(2, 16, 4, 64))

@@ -35,7 +35,10 @@ if _has_op("attention_fwd") and _has_op("attention_bwd"):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _vector_friendly(t: Tensor) -> bool:
-        return t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+        # Alignment from the storage offset, not data_ptr(): fake tensors (torch.compile, opcheck) have no data
+        # pointer, and PyTorch's allocators hand out storage at least 16-byte aligned.
+        return (t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1])
+                and t.storage_offset() * t.element_size() % 16 == 0)
 
     def _vectors(t: Tensor) -> Tensor:
         """The kernels move 16-byte vectors; a layout that does not allow them (odd strides, expanded or

@@ -272,7 +272,9 @@ def run_train_variant(config, backend, compiled, data, device, precision, compil
     return {"first_loss": first_loss, "times": times, "peak_mem_mib": peak, "warmup_s": warmup_s}
 
 
-def train_rows(preset: str, config: SparrowConfig, args, device: torch.device, variants, peak: float | None) -> tuple[list, bool]:
+def train_rows(preset: str, config: SparrowConfig, args, device: torch.device, variants, peak: float | None,
+               on_row=None) -> tuple[list, bool]:
+    """One row per variant; ``on_row(rows)`` after each, so a run stopped at a time limit keeps what it timed."""
     batch = args.batch_size or (2 if args.quick else DEFAULT_BATCH.get(preset, 4))
     seq = args.seq_len or (128 if args.quick else 2048)
     seq = min(seq, config.max_position_embeddings)
@@ -321,6 +323,8 @@ def train_rows(preset: str, config: SparrowConfig, args, device: torch.device, v
                            peak_mem_mib=round(result["peak_mem_mib"], 1) if result["peak_mem_mib"] is not None else None)
         free_memory(device)
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         if row["status"] == "ok":
             mfu = f"{row['mfu'] * 100:5.1f}%" if row["mfu"] is not None else "    -"
             mem = f"{row['peak_mem_mib']:9.0f} MiB" if row["peak_mem_mib"] is not None else ""
@@ -410,6 +414,8 @@ def generation_rows(preset: str, config: SparrowConfig, args, device: torch.devi
                 row["fallbacks"] = FALLBACKS[backend]
         free_memory(device)
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         if row["status"] == "ok":
             print(f"{preset:5s} {name:28s} {row['decode_tokens_per_s']:9.1f} tok/s decode, prefill "
                   f"{row['prefill_ms']:.1f} ms ({prompt_len} tokens)", flush=True)
@@ -574,7 +580,8 @@ def main() -> int:
                 rows.append({"kind": "train", "preset": preset, "variant": "all", "status": "skipped", "reason": reason})
                 print(f"{preset}: skipped: {reason}", flush=True)
                 continue
-        new_rows, failed = train_rows(preset, config, args, device, variants, peak)
+        new_rows, failed = train_rows(preset, config, args, device, variants, peak,
+                                      on_row=lambda done, before=list(rows): save(before + done))
         rows += new_rows
         errors |= failed
         save(rows)

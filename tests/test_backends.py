@@ -81,6 +81,27 @@ def test_fused_add_rms_norm(backend, dtype):
         assert_close(a / b.abs().max(), b / b.abs().max(), grad=True, name=name)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden", [8192, 12288, 16384, 65536])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_rms_norm_wide_rows(backend, dtype, hidden, fused):
+    """The widths where a whole row per block meets the kernel's register limit (the cuda backward failed to
+    launch at bf16 x 8192 on an H200) and where it hands over to the looped kernel."""
+    x, r = (torch.randn(3, hidden, device=DEVICE).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    op, ref_op = (ops.fused_add_rms_norm, reference.fused_add_rms_norm) if fused else (ops.rms_norm, reference.rms_norm)
+    inputs = [x, r, w] if fused else [x, w]
+    require_kernel(op.__name__, backend, *inputs, 1e-6)
+    fast = run_with_grads(lambda *t: op(*t, 1e-6, backend=backend), inputs, list(range(len(inputs))))
+    ref = run_with_grads(lambda *t: ref_op(*t, 1e-6), inputs, list(range(len(inputs))))
+    for a, b in zip(fast[0], ref[0]):
+        assert_close(a, b, name="y")
+    for a, b in zip(fast[1], ref[1]):
+        assert_close(a / b.abs().max(), b / b.abs().max(), grad=True, name="grad")
+
+
 # ---------------------------------------------------------------------------------------------------- rope
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -2,9 +2,10 @@
 //
 // The fast path keeps the whole row in registers and moves it in 16-byte vectors, so x (and the residual)
 // cross HBM exactly once per pass: a warp per row when the row is short (one block per row would leave most of
-// the block idle), a block per row otherwise, up to kItems vectors per thread (64K bf16 elements at 1024
-// threads). Rows that are not a whole number of vectors, misaligned pointers and very long fp32 rows take a
-// looped scalar kernel that re-reads the row from L2.
+// the block idle), a block per row otherwise, up to kItems vectors per thread and as many threads as the kernel's
+// registers allow (max_block_threads). Rows that are not a whole number of vectors, misaligned pointers and rows
+// longer than that take a looped scalar kernel that re-reads the row from L2 (__launch_bounds__(1024): it can
+// always have the threads loop_threads asks for).
 //
 // Backward: a persistent grid capped at 2x the SM count walks the rows; each block accumulates one fp32 dW
 // partial in registers and writes it once, so the second reduction reads grid x hidden floats regardless of the
@@ -223,7 +224,7 @@ __global__ void rms_norm_bwd_vec_kernel(const T* __restrict__ dy, const T* __res
 
 // ------------------------------------------------------------------------------------------ looped path
 template <typename T, bool HAS_RES>
-__global__ void rms_norm_fwd_loop_kernel(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w,
+__global__ void __launch_bounds__(1024) rms_norm_fwd_loop_kernel(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w,
                                          T* __restrict__ y, T* __restrict__ sum_out, float* __restrict__ rstd,
                                          int64_t hidden, float eps) {
   __shared__ float shared[kWarp];
@@ -249,7 +250,7 @@ __global__ void rms_norm_fwd_loop_kernel(const T* __restrict__ x, const T* __res
 }
 
 template <typename T, bool HAS_DS>
-__global__ void rms_norm_bwd_loop_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
+__global__ void __launch_bounds__(1024) rms_norm_bwd_loop_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
                                          const float* __restrict__ rstd, const T* __restrict__ ds, T* __restrict__ dx,
                                          float* __restrict__ dw_partial, int64_t rows, int64_t hidden) {
   __shared__ float shared[kWarp];
@@ -276,7 +277,7 @@ __global__ void rms_norm_bwd_loop_kernel(const T* __restrict__ dy, const T* __re
 // Column sums of the (num_partials, hidden) partials: 32 columns x 16 row-groups per block, so every load is
 // coalesced and the row walk is split 16 ways.
 template <typename T>
-__global__ void reduce_partials_kernel(const float* __restrict__ partial, T* __restrict__ dw, int64_t num_partials,
+__global__ void __launch_bounds__(kWarp * 16) reduce_partials_kernel(const float* __restrict__ partial, T* __restrict__ dw, int64_t num_partials,
                                        int64_t hidden) {
   __shared__ float tile[16][kWarp + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
@@ -314,10 +315,22 @@ struct Plan {
   int threads = 0;
 };
 
-Plan plan_for(int64_t hidden, int64_t elem, int items, std::initializer_list<const at::Tensor*> tensors) {
+// The most threads a block of `kernel` can have: its registers (fixed when it was compiled) against the SM's
+// register file. A launch above it fails with "too many resources requested for launch", as the backward's
+// block-per-row kernel did on an H200 (bf16, hidden 8192: 146-153 registers a thread at 512 threads).
+template <typename Kernel>
+int max_block_threads(Kernel kernel) {
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return attr.maxThreadsPerBlock / kWarp * kWarp;
+}
+
+// `block_threads`: max_block_threads of the block-per-row kernel that would run the row.
+Plan plan_for(int64_t hidden, int64_t elem, int items, int block_threads,
+              std::initializer_list<const at::Tensor*> tensors) {
   Plan plan;
   const int64_t per_vec = 16 / elem;
-  bool ok = hidden % per_vec == 0 && hidden / per_vec <= int64_t{items} * 1024;
+  bool ok = hidden % per_vec == 0 && hidden / per_vec <= int64_t{items} * block_threads;
   for (const at::Tensor* t : tensors) ok = ok && aligned16(*t);
   if (!ok) {
     plan.threads = loop_threads(hidden);
@@ -330,7 +343,8 @@ Plan plan_for(int64_t hidden, int64_t elem, int items, std::initializer_list<con
     plan.threads = kWarpsPerBlock * kWarp;
   } else {
     // About two vectors per thread: enough loads in flight per thread, and enough threads per row.
-    plan.threads = static_cast<int>(std::clamp<int64_t>((nvec / 2 + kWarp - 1) / kWarp * kWarp, 64, 1024));
+    // Stops at block_threads at the latest, as nvec <= items * block_threads.
+    plan.threads = static_cast<int>(std::clamp<int64_t>((nvec / 2 + kWarp - 1) / kWarp * kWarp, 64, block_threads));
     while (static_cast<int64_t>(plan.threads) * items < nvec) plan.threads += kWarp;
   }
   return plan;
@@ -346,7 +360,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   if (rows == 0) return {y, summed, rstd};
   auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor empty;
-  const Plan plan = plan_for(hidden, x.element_size(), kItems, {&x, residual ? residual : &empty, &weight, &y, &summed});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_fwd_cuda", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* rp = residual ? residual->data_ptr<scalar_t>() : nullptr;
@@ -356,22 +369,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
     float* rs = rstd.data_ptr<float>();
     const float e = static_cast<float>(eps);
     const int h = static_cast<int>(hidden);
-    auto launch_vec = [&](auto has_res) {
+    auto launch = [&](auto has_res) {
       constexpr bool R = decltype(has_res)::value;
-      if (plan.warp_row) {
+      const Plan plan = plan_for(hidden, x.element_size(), kItems,
+                                 max_block_threads(rms_norm_fwd_vec_kernel<scalar_t, false, R>),
+                                 {&x, residual ? residual : &empty, &weight, &y, &summed});
+      if (plan.vec && plan.warp_row) {
         const int64_t grid = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
         rms_norm_fwd_vec_kernel<scalar_t, true, R><<<grid, plan.threads, 0, stream>>>(xp, rp, wp, yp, sp, rs, rows, h, e);
-      } else {
+      } else if (plan.vec) {
         rms_norm_fwd_vec_kernel<scalar_t, false, R><<<rows, plan.threads, 0, stream>>>(xp, rp, wp, yp, sp, rs, rows, h, e);
+      } else {
+        rms_norm_fwd_loop_kernel<scalar_t, R><<<rows, plan.threads, 0, stream>>>(xp, rp, wp, yp, sp, rs, hidden, e);
       }
     };
-    if (plan.vec) {
-      if (residual) launch_vec(std::true_type{}); else launch_vec(std::false_type{});
-    } else if (residual) {
-      rms_norm_fwd_loop_kernel<scalar_t, true><<<rows, plan.threads, 0, stream>>>(xp, rp, wp, yp, sp, rs, hidden, e);
-    } else {
-      rms_norm_fwd_loop_kernel<scalar_t, false><<<rows, plan.threads, 0, stream>>>(xp, rp, wp, yp, sp, rs, hidden, e);
-    }
+    if (residual) launch(std::true_type{}); else launch(std::false_type{});
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, summed, rstd};
@@ -403,10 +415,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_y, c
   if (rows == 0) return {grad_x, grad_w.zero_()};
   const bool has_ds = grad_sum.has_value() && grad_sum->defined();
   const at::Tensor ds = has_ds ? *grad_sum : at::Tensor();
-  const Plan plan = plan_for(hidden, x.element_size(), kItemsBwd, {&grad_y, &x, &weight, &grad_x, &ds});
-  const int64_t rows_per_step = plan.warp_row ? kWarpsPerBlock : 1;
-  const int64_t grid = std::min<int64_t>((rows + rows_per_step - 1) / rows_per_step, 2 * sm_count(x.get_device()));
-  at::Tensor partial = at::empty({grid, hidden}, x.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_bwd_cuda", [&] {
     const scalar_t* gp = grad_y.data_ptr<scalar_t>();
@@ -415,10 +423,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_y, c
     const scalar_t* dsp = has_ds ? ds.data_ptr<scalar_t>() : nullptr;
     scalar_t* dxp = grad_x.data_ptr<scalar_t>();
     const float* rs = rstd.data_ptr<float>();
-    float* pp = partial.data_ptr<float>();
     const int h = static_cast<int>(hidden);
     auto launch = [&](auto has_ds_t) {
       constexpr bool D = decltype(has_ds_t)::value;
+      const Plan plan = plan_for(hidden, x.element_size(), kItemsBwd,
+                                 max_block_threads(rms_norm_bwd_vec_kernel<scalar_t, false, D>),
+                                 {&grad_y, &x, &weight, &grad_x, &ds});
+      const int64_t rows_per_step = plan.warp_row ? kWarpsPerBlock : 1;
+      const int64_t grid = std::min<int64_t>((rows + rows_per_step - 1) / rows_per_step, 2 * sm_count(x.get_device()));
+      at::Tensor partial = at::empty({grid, hidden}, x.options().dtype(at::kFloat));
+      float* pp = partial.data_ptr<float>();
       if (plan.vec && plan.warp_row) {
         const size_t smem = sizeof(float) * kWarpsPerBlock * hidden;
         auto kernel = rms_norm_bwd_vec_kernel<scalar_t, true, D>;
@@ -430,11 +444,13 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_y, c
       } else {
         rms_norm_bwd_loop_kernel<scalar_t, D><<<grid, plan.threads, 0, stream>>>(gp, xp, wp, rs, dsp, dxp, pp, rows, hidden);
       }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // The partials stay alive until this kernel has read them: the caching allocator reuses their memory only
+      // for later work on the same stream.
+      reduce_partials_kernel<scalar_t><<<(hidden + kWarp - 1) / kWarp, dim3(kWarp, 16), 0, stream>>>(
+          pp, grad_w.data_ptr<scalar_t>(), grid, hidden);
     };
     if (has_ds) launch(std::true_type{}); else launch(std::false_type{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    reduce_partials_kernel<scalar_t><<<(hidden + kWarp - 1) / kWarp, dim3(kWarp, 16), 0, stream>>>(
-        pp, grad_w.data_ptr<scalar_t>(), grid, hidden);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_x, grad_w};

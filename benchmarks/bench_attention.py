@@ -75,6 +75,13 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _shape_label(head_dim: int, causal: bool, seq: int) -> str:
+    return f"hd{head_dim}-{'causal' if causal else 'full'}-{seq}"
+
+
+PLOT = {"x": "shape", "series": "impl", "y": ["fwd_tflops", "bwd_tflops"]}
+
+
 def _progress(row: dict) -> None:
     label = f"attention {row['impl']} hd{row['head_dim']} {'causal' if row['causal'] else 'full'} T={row['seqlen']}"
     if "error" in row:
@@ -90,7 +97,8 @@ def _flops(batch, seq, heads, head_dim, causal) -> float:
 
 def bench_one(name, fn, batch, seq, head_dim, causal, dtype, device, warmup, rep) -> dict:
     heads = HIDDEN // head_dim
-    row = dict(impl=name, seqlen=seq, batch=batch, heads=heads, head_dim=head_dim, causal=causal)
+    row = dict(impl=name, seqlen=seq, batch=batch, heads=heads, head_dim=head_dim, causal=causal,
+               shape=_shape_label(head_dim, causal, seq))
     q, k, v = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     try:
         out = fn(q, k, v, causal)
@@ -161,11 +169,11 @@ def main(argv=None) -> int:
                 for name, fn in impls.items():
                     rows.append(bench_one(name, fn, batch, seq, head_dim, causal, dtype, device, warmup, rep))
                     # Written after every row: a run stopped at a time limit keeps what it measured.
-                    write_results("attention", rows, meta, out=args.out)
+                    write_results("attention", rows, meta, out=args.out, plot=PLOT)
                     _progress(rows[-1])
                     if device == "cuda":
                         torch.cuda.empty_cache()
-    path = write_results("attention", rows, meta, out=args.out)
+    path = write_results("attention", rows, meta, out=args.out, plot=PLOT)
     print_table(rows, ["impl", "head_dim", "causal", "seqlen", "fwd_tflops", "bwd_tflops", "fwd_bwd_tflops",
                        "fwd_ms", "fwd_model_ms", "bwd_ms", "bwd_model_ms", "fwd_bwd_peak_mib", "error"])
     print(f"\nwrote {path}")

@@ -414,8 +414,6 @@ def generation_rows(preset: str, config: SparrowConfig, args, device: torch.devi
                 row["fallbacks"] = FALLBACKS[backend]
         free_memory(device)
         rows.append(row)
-        if on_row is not None:
-            on_row(rows)
         if row["status"] == "ok":
             print(f"{preset:5s} {name:28s} {row['decode_tokens_per_s']:9.1f} tok/s decode, prefill "
                   f"{row['prefill_ms']:.1f} ms ({prompt_len} tokens)", flush=True)

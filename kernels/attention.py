@@ -38,6 +38,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _tuned(kept: list) -> list:
+    """The configs an autotuner times. ``SPARROW_AUTOTUNE=0`` keeps only the first that fits: each new shape then
+    compiles one kernel instead of timing every tile, which is what correctness tests on a GPU lent for minutes
+    can afford (the attention tests took 16-22 s each with tuning on an H200). Speed needs the tuning."""
+    return kept[:1] if os.environ.get("SPARROW_AUTOTUNE", "1") == "0" else kept
+
+
 # Triton's CPU interpreter computes bf16 tl.dot on the raw bit patterns (garbage); upcasting the operands,
 # which already hold exactly-representable bf16/fp16 values, reproduces the GPU's fp32-accumulated product.
 _INTERPRET: tl.constexpr = tl.constexpr(_interpreting())
@@ -183,7 +190,7 @@ def _pruner(kernel: str):
             if not possible:
                 raise ValueError(f"no {kernel} attention tile fits head_dim={head_dim} on sm_{arch}")
             kept = [costs[min(possible)[1]][0]]
-        return kept
+        return _tuned(kept)
 
     prune.__name__ = f"_prune_{kernel}"
     return prune

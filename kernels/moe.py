@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _interpreting
+from .attention import _interpreting, _tuned
 
 
 # Triton's CPU interpreter multiplies bf16 tl.dot operands as raw bits; upcasting the (exactly representable)
@@ -74,7 +74,7 @@ def _prune_mm(configs, named_args, **kwargs):
         if bm * bn >= 128 * 128 and c.num_warps == 4:
             continue
         kept.append(c)
-    return kept or configs[:1]
+    return _tuned(kept or configs[:1])
 
 
 # Narrower M and deeper K than _mm_configs: the wgrad GEMM reduces over tokens.
@@ -95,7 +95,7 @@ def _prune_wgrad(configs, named_args, **kwargs):
         if bn * bk >= 128 * 128 and c.num_warps == 4:
             continue
         kept.append(c)
-    return kept or configs[:1]
+    return _tuned(kept or configs[:1])
 
 
 def _bucket(n: int) -> int:

@@ -140,3 +140,27 @@ def test_triton_ops_under_torch_compile(tb):
         return ops.rms_norm(y, w, backend="triton").sum() + s.sum() + q2.sum() + k2.square().sum()
 
     assert_compiled_matches_eager(f, (x, r, w, q, k), atol=1e-4, rtol=1e-4)
+
+
+def test_autotune_off_keeps_the_first_fitting_tile(monkeypatch):
+    """SPARROW_AUTOTUNE=0 (gpu_check.sh --brief's tests): each pruner keeps the first tile that fits, the same
+    one the full list starts with."""
+    import triton
+
+    from sparrow.kernels import attention as ka
+    from sparrow.kernels import moe as km
+
+    attn = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=ka._FWD_STAGES)
+            for bm, bn, w in ka._FWD_TILES]
+    mm = km._tile_grid(bms=(64, 128), bns=(64, 128), bks=(32, 64), stages=(2, 3, 4))
+    a = torch.empty(4, 8, dtype=torch.bfloat16)
+
+    def prune():
+        return (ka._prune_fwd(attn, {}, HEAD_DIM=64, arch=90),
+                km._prune_mm(mm, {"A": a, "N": 4096}))
+
+    monkeypatch.delenv("SPARROW_AUTOTUNE", raising=False)
+    tuned = prune()
+    assert all(len(kept) > 1 for kept in tuned)
+    monkeypatch.setenv("SPARROW_AUTOTUNE", "0")
+    assert [kept for kept in prune()] == [kept[:1] for kept in tuned]

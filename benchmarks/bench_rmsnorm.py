@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 save_bandwidth("rmsnorm", rows, meta, out=args.out)
                 print_fwd_bwd(f"{op} {name} {tokens}x{hidden}", row)
-    columns = ["op", "impl", "tokens", "hidden", "fwd_ms", "fwd_model_ms", "bwd_ms", "bwd_model_ms", "fwd_bwd_ms", "fwd_pct_peak", "bwd_pct_peak",
+    columns = ["op", "impl", "tokens", "hidden", "fwd_ms", "fwd_host_ms", "fwd_model_ms", "bwd_ms", "bwd_model_ms", "fwd_bwd_ms", "fwd_pct_peak", "bwd_pct_peak",
                "fwd_bwd_pct_peak", "peak_mem_mib", "error"]
     report_bandwidth("rmsnorm", "RMSNorm", rows, meta, columns, out=args.out)
     return 0

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
             rows.append(row)
             save_bandwidth("rope", rows, meta, out=args.out)
             print_fwd_bwd(f"rope {name} {row['shape']}", row)
-    report_bandwidth("rope", "RoPE", rows, meta, ["impl", "tokens", "hidden", "fwd_ms", "fwd_model_ms", "bwd_ms", "bwd_model_ms", "fwd_bwd_ms",
+    report_bandwidth("rope", "RoPE", rows, meta, ["impl", "tokens", "hidden", "fwd_ms", "fwd_host_ms", "fwd_model_ms", "bwd_ms", "bwd_model_ms", "fwd_bwd_ms",
                      "fwd_pct_peak", "bwd_pct_peak", "fwd_bwd_pct_peak", "peak_mem_mib", "error"], out=args.out)
     return 0
 

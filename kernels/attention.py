@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import cdiv, next_power_of_2
+
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 # Query rows per program of the backward's delta = rowsum(dO * O) pass.
@@ -79,7 +81,7 @@ def _dot_acc(a, b, acc):
 
 def _seqlen_bucket(n: int) -> int:
     """Autotuning key: a power-of-two bucket, so every new length does not trigger a new tuning run."""
-    return min(triton.next_power_of_2(max(n, 1)), 16384)
+    return min(next_power_of_2(max(n, 1)), 16384)
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -520,14 +522,14 @@ def attention_fwd(q, k, v, causal: bool, scale: float, cu_seqlens=None, max_seql
     if out.numel() == 0:
         return out, lse
     dummy = cu_seqlens if varlen else (k_lens if k_lens is not None else lse)
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid = lambda meta: (cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     _attn_fwd_tuned[grid](
         q, k, v, out, lse, dummy, k_lens if k_lens is not None else dummy,
         *_as_batched(q, varlen), *_as_batched(k, varlen), *_as_batched(v, varlen), *_as_batched(out, varlen),
         *_lse_strides(lse, varlen),
         heads, heads // kv_heads, seqlen_q, seqlen_k, scale * LOG2E, _seqlen_bucket(seqlen_k),
         VARLEN=varlen, HAS_K_LENS=k_lens is not None, CAUSAL=causal,
-        D=head_dim, HEAD_DIM=max(triton.next_power_of_2(head_dim), 16),
+        D=head_dim, HEAD_DIM=max(next_power_of_2(head_dim), 16),
     )
     return out, lse
 
@@ -540,12 +542,12 @@ def attention_bwd(do, q, k, v, out, lse, causal: bool, scale: float, cu_seqlens=
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    head_pow2 = max(triton.next_power_of_2(head_dim), 16)
+    head_pow2 = max(next_power_of_2(head_dim), 16)
     delta = torch.empty_like(lse)
     cu = cu_seqlens if varlen else lse
     lse_strides = _lse_strides(lse, varlen)
     pre_block = PREPROCESS_BLOCK
-    _bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), batch * heads)](
+    _bwd_preprocess_kernel[(cdiv(seqlen_q, pre_block), batch * heads)](
         out, do, delta, cu, *_as_batched(out, varlen), *_as_batched(do, varlen), *lse_strides,
         heads, seqlen_q, VARLEN=varlen, D=head_dim, HEAD_DIM=head_pow2, BLOCK_M=pre_block,
     )
@@ -554,12 +556,12 @@ def attention_bwd(do, q, k, v, out, lse, causal: bool, scale: float, cu_seqlens=
     strides_in = (*_as_batched(q, varlen), *_as_batched(k, varlen), *_as_batched(v, varlen), *_as_batched(do, varlen))
     bucket = _seqlen_bucket(max(seqlen_q, seqlen_k))
     for do_dk, do_dv in dkdv_passes(head_pow2):
-        _bwd_dkdv_tuned[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)](
+        _bwd_dkdv_tuned[lambda meta: (cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)](
             q, k, v, do, lse, delta, dk, dv, cu,
             *strides_in, *_as_batched(dk, varlen), *_as_batched(dv, varlen), *lse_strides,
             kv_heads, group, seqlen_q, seqlen_k, scale, scale * LOG2E, bucket, DO_DK=do_dk, DO_DV=do_dv, **common,
         )
-    _bwd_dq_tuned[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](
+    _bwd_dq_tuned[lambda meta: (cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](
         q, k, v, do, lse, delta, dq, cu,
         *strides_in, *_as_batched(dq, varlen), *lse_strides,
         heads, group, seqlen_q, seqlen_k, scale, scale * LOG2E, bucket, **common,

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import cdiv, next_power_of_2
+
 from .attention import LOG2E, _dot, _interpreting, _to16, attention_fwd
 
 
@@ -108,15 +110,15 @@ def split_launch(head_dim: int, group: int, *, interpreting: bool) -> dict:
     of 4096 / head_dim keys per step (64 at head dim 64, 16 at 256; 16 under the interpreter, which pays per
     step): the fp32 copy of V for the exact P @ V must fit the registers (the static check found 64 keys spilling
     at head dims 96-256). Also what the static check compiles."""
-    block_n = 16 if interpreting else max(16, min(64, 4096 // max(triton.next_power_of_2(head_dim), 16)))
-    return dict(BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n, num_warps=4, num_stages=3)
+    block_n = 16 if interpreting else max(16, min(64, 4096 // max(next_power_of_2(head_dim), 16)))
+    return dict(BLOCK_G=max(next_power_of_2(group), 16), BLOCK_N=block_n, num_warps=4, num_stages=3)
 
 
 def _num_splits(batch_kv_heads: int, max_len: int, device: torch.device) -> int:
     """Enough chunks to give every SM a couple of programs, but chunks of at least 256 keys."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    wanted = triton.cdiv(2 * sms, max(batch_kv_heads, 1))
-    return max(1, min(wanted, triton.cdiv(max_len, 256 if device.type == "cuda" else 16), 128))
+    wanted = cdiv(2 * sms, max(batch_kv_heads, 1))
+    return max(1, min(wanted, cdiv(max_len, 256 if device.type == "cuda" else 16), 128))
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale: float):
@@ -128,9 +130,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale: float):
     kv_heads, max_len = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
     splits = _num_splits(batch * kv_heads, max_len, q.device)
-    chunk = triton.cdiv(triton.cdiv(max_len, splits), 64) * 64
-    splits = triton.cdiv(max_len, chunk)
-    head_pow2 = max(triton.next_power_of_2(head_dim), 16)
+    chunk = cdiv(cdiv(max_len, splits), 64) * 64
+    splits = cdiv(max_len, chunk)
+    head_pow2 = max(next_power_of_2(head_dim), 16)
     o_part = torch.empty((batch, heads, splits, head_dim), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
     q2 = q[:, 0]
@@ -152,6 +154,6 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale: float):
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1),
         o2.stride(0), o2.stride(1),
-        heads, splits, D=head_dim, HEAD_DIM=head_pow2, BLOCK_S=max(triton.next_power_of_2(splits), 2),
+        heads, splits, D=head_dim, HEAD_DIM=head_pow2, BLOCK_S=max(next_power_of_2(splits), 2),
     )
     return out

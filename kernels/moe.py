@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import cdiv, next_power_of_2
+
 from .attention import _interpreting, _tuned
 
 
@@ -100,7 +102,7 @@ def _prune_wgrad(configs, named_args, **kwargs):
 
 def _bucket(n: int) -> int:
     """Autotuning key: a power-of-two bucket of the row count, so every batch does not retune."""
-    return min(triton.next_power_of_2(max(n, 1)), 65536)
+    return min(next_power_of_2(max(n, 1)), 65536)
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -205,7 +207,7 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, transpos
         return out.zero_()
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) + experts, triton.cdiv(n, meta["BLOCK_N"]))
+        return (cdiv(m, meta["BLOCK_M"]) + experts, cdiv(n, meta["BLOCK_N"]))
 
     _grouped_mm_tuned[grid](
         a, w, out, offsets, n, k, experts,
@@ -226,7 +228,7 @@ def grouped_mm_wgrad(g: torch.Tensor, a: torch.Tensor, offsets: torch.Tensor, ex
         return dw.zero_()
 
     def grid(meta):
-        return (experts, triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
+        return (experts, cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))
 
     _grouped_mm_wgrad_tuned[grid](
         g, a, dw, offsets, n, k,

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import cdiv, next_power_of_2
+
 MAX_HIDDEN = 65536
 # Above these a row no longer fits comfortably in registers (the backward holds x, dy, w and the dW partial).
 MAX_FUSED_FWD = 16384
@@ -159,7 +161,7 @@ def _rms_norm_bwd_kernel(
 
 def fwd_launch(n: int, rows: int, *, max_fused: int = MAX_FUSED_FWD) -> dict:
     """Tile and warps of the forward for rows of ``n`` elements (also what the static check compiles)."""
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     one_pass = block <= max_fused
     if not one_pass:
         block = min(LOOP_BLOCK, max_fused)
@@ -167,13 +169,13 @@ def fwd_launch(n: int, rows: int, *, max_fused: int = MAX_FUSED_FWD) -> dict:
     block_m = 1
     if one_pass:
         cap = max(1, 4096 // block)
-        block_m = min(triton.next_power_of_2(rows), 1 << (cap.bit_length() - 1))
+        block_m = min(next_power_of_2(rows), 1 << (cap.bit_length() - 1))
     return dict(BLOCK_M=block_m, BLOCK=block, ONE_PASS=one_pass, num_warps=_num_warps(block_m * block))
 
 
 def bwd_launch(n: int, *, max_fused: int = MAX_FUSED_BWD) -> dict:
     """Tile and warps of the backward for rows of ``n`` elements (also what the static check compiles)."""
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     one_pass = block <= max_fused
     if not one_pass:
         block = min(LOOP_BLOCK, max_fused)
@@ -198,7 +200,7 @@ def rms_norm_fwd(
     lp = fwd_launch(n, rows, max_fused=max_fused)
     r = residual if residual is not None else x
     s = summed if summed is not None else y
-    _rms_norm_fwd_kernel[(triton.cdiv(rows, lp["BLOCK_M"]),)](
+    _rms_norm_fwd_kernel[(cdiv(rows, lp["BLOCK_M"]),)](
         x, r, weight, y, s, rstd,
         x.stride(0), r.stride(0), y.stride(0), s.stride(0),
         rows, n, eps, HAS_RES=residual is not None, **lp,
@@ -224,8 +226,8 @@ def rms_norm_bwd(
     lp = bwd_launch(n, max_fused=max_fused)
     one_pass = lp["ONE_PASS"]
     programs = _num_programs(x.device, rows)
-    rows_per_program = triton.cdiv(rows, programs)
-    programs = triton.cdiv(rows, rows_per_program)
+    rows_per_program = cdiv(rows, programs)
+    programs = cdiv(rows, rows_per_program)
     alloc = torch.empty if one_pass else torch.zeros
     partial = alloc((programs, n), device=x.device, dtype=torch.float32)
     ds = grad_sum if grad_sum is not None else grad_y

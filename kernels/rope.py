@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import cdiv, next_power_of_2
+
 
 @triton.jit
 def _rotate_heads(
@@ -78,15 +80,15 @@ def _cos_strides(cos: torch.Tensor) -> tuple[int, int, int]:
 
 def rope_launch(hq: int, hk: int, half: int, d: int, tokens: int, in_place: bool) -> dict:
     """Tile sizes and warps for a launch (also what the static check compiles)."""
-    block_half = triton.next_power_of_2(half)
-    block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
+    block_half = next_power_of_2(half)
+    block_hq, block_hk = next_power_of_2(hq), next_power_of_2(hk)
     # Enough tokens per program for ~4K elements per tile: small-head models would otherwise leave most lanes
     # idle (and the interpreter pays per program).
     per_token = (block_hq + block_hk) * block_half
     cap = max(1, 4096 // per_token)
-    block_t = min(triton.next_power_of_2(tokens), 1 << (cap.bit_length() - 1))  # a power of two
+    block_t = min(next_power_of_2(tokens), 1 << (cap.bit_length() - 1))  # a power of two
     return dict(BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
-                BLOCK_REST=triton.next_power_of_2(max(d - 2 * half, 1)), COPY_REST=2 * half < d and not in_place,
+                BLOCK_REST=next_power_of_2(max(d - 2 * half, 1)), COPY_REST=2 * half < d and not in_place,
                 num_warps=8 if block_t * per_token >= 4096 else 4)
 
 
@@ -115,7 +117,7 @@ def rope(
     if tokens == 0:
         return q_out, k_out
     lp = rope_launch(hq, hk, half, d, tokens, in_place)
-    _rope_kernel[(triton.cdiv(tokens, lp["BLOCK_T"]),)](
+    _rope_kernel[(cdiv(tokens, lp["BLOCK_T"]),)](
         q, k, cos, sin, q_out, k_out,
         seq, tokens,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

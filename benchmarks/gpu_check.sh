@@ -34,7 +34,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/sparrow-site
 fi
 status=0
-# limit SECONDS_BRIEF: the stage's time limit under --brief, none otherwise.
+# limit N: a `timeout` of N seconds to put before a command under --brief, nothing otherwise.
 limit() { if [ $brief = 1 ]; then echo "timeout --signal=INT --kill-after=15 $1"; fi; }
 pack() { [ -n "${OUT:-}" ] && tar -czf "$OUT/gpu-check.tgz" -C "$results" . 2>/dev/null; true; }
 finish() { # stage name, exit code

@@ -119,7 +119,8 @@ EOF
         sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
         # The CUDA ops' tests, then the Triton ops' (their kernels are cached by the tests stage). The argument-error
         # tests launch no kernel and have their own stage (native-errors): one crashed the whole run on an H200.
-        $(limit 200) "$sanitizer" --tool memcheck --error-exitcode 9 --print-limit 20 python3 -m pytest -q \
+        # One tile per shape (SPARROW_AUTOTUNE=0): under the sanitizer, timing every tile would take most of a lease.
+        SPARROW_AUTOTUNE=0 $(limit 200) "$sanitizer" --tool memcheck --error-exitcode 9 --print-limit 20 python3 -m pytest -q \
           tests/test_native_ops.py tests/test_triton_ops.py -k "(cuda or not cpu) and not argument_errors" \
           -p no:cacheprovider > "$results/memcheck.log" 2>&1
         rc=$?; grep -E "ERROR SUMMARY|passed|failed|Invalid|error" "$results/memcheck.log" | tail -12

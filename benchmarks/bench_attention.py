@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import device_info, model_ms, peak_memory_mib, print_table, time_fn, write_results  # noqa: E402
+from benchmarks.common import device_info, model_ms, parse_ints, peak_memory_mib, print_table, time_fn  # noqa: E402
+from benchmarks.common import write_results  # noqa: E402
 from sparrow import ops  # noqa: E402
 from sparrow.ops import reference  # noqa: E402
 from sparrow.testing import max_error  # noqa: E402
@@ -65,16 +66,6 @@ def implementations(device: str) -> dict:
     return impls
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _shape_label(head_dim: int, causal: bool, seq: int) -> str:
     return f"hd{head_dim}-{'causal' if causal else 'full'}-{seq}"
 
@@ -83,7 +74,7 @@ PLOT = {"x": "shape", "series": "impl", "y": ["fwd_tflops", "bwd_tflops"]}
 
 
 def _progress(row: dict) -> None:
-    label = f"attention {row['impl']} hd{row['head_dim']} {'causal' if row['causal'] else 'full'} T={row['seqlen']}"
+    label = f"attention {row['impl']} {row['shape']}"
     if "error" in row:
         print(f"{label}: {row['error']}", flush=True)
     else:
@@ -144,8 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes")
     p.add_argument("--out", help="JSON path (default benchmarks/results/<device>/attention.json)")
     p.add_argument("--impl", action="append", help="only these implementations (repeatable)")
-    p.add_argument("--seqlens", type=_ints, help="comma-separated sequence lengths instead of the default sweep")
-    p.add_argument("--head-dims", type=_ints, help="comma-separated head dims instead of the default 64,128")
+    p.add_argument("--seqlens", type=parse_ints, help="comma-separated sequence lengths instead of the default sweep")
+    p.add_argument("--head-dims", type=parse_ints, help="comma-separated head dims instead of the default 64,128")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -218,14 +218,26 @@ def bandwidth_parser(description: str, name: str, impls: str):
     return p
 
 
-def parse_shapes(text: str) -> list[tuple[int, ...]]:
-    """``"16384x2048,4x4096x32"`` -> ``[(16384, 2048), (4, 4096, 32)]``: a short sweep for a GPU lent for minutes."""
+def parse_ints(text: str, sep: str = ",") -> list[int]:
+    """``"1024,4096"`` -> ``[1024, 4096]``: positive integers, for a short sweep on a GPU lent for minutes."""
+    import argparse
+
     try:
-        shapes = [tuple(int(n) for n in item.lower().split("x")) for item in text.split(",") if item.strip()]
+        values = [int(v) for v in text.lower().split(sep)]
     except ValueError:
-        raise ValueError(f"shapes: expected comma-separated AxB[xC] integers, got {text!r}") from None
-    if not shapes or any(n <= 0 for shape in shapes for n in shape):
-        raise ValueError(f"shapes: expected positive sizes, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {sep!r}-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """``"16384x2048,4x4096x32"`` -> ``[(16384, 2048), (4, 4096, 32)]``."""
+    import argparse
+
+    shapes = [tuple(parse_ints(item, sep="x")) for item in text.split(",") if item.strip()]
+    if not shapes:
+        raise argparse.ArgumentTypeError(f"expected comma-separated AxB[xC] shapes, got {text!r}")
     return shapes
 
 

@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, next_power_of_2
-
 from .attention import LOG2E, _dot, _interpreting, _to16, attention_fwd
+from .grid import cdiv, next_power_of_2
 
 
 @triton.jit

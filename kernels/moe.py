@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, next_power_of_2
-
 from .attention import _interpreting, _tuned
+from .grid import cdiv, next_power_of_2
 
 
 # Triton's CPU interpreter multiplies bf16 tl.dot operands as raw bits; upcasting the (exactly representable)

@@ -110,10 +110,11 @@ EOF
       workers=()
       python3 -c "import xdist" 2> /dev/null && workers=(-n 8)
       # Under --brief each new shape compiles one tile instead of timing them all (kernels/attention.py _tuned).
-      [ $brief = 1 ] && export SPARROW_AUTOTUNE=0
-      $(limit 300) python3 -m pytest -q -rfE "${workers[@]}" $KERNEL_TESTS -p no:cacheprovider \
+      tuning=()
+      [ $brief = 1 ] && tuning=(SPARROW_AUTOTUNE=0)
+      env "${tuning[@]}" $(limit 300) python3 -m pytest -q -rfE "${workers[@]}" $KERNEL_TESTS -p no:cacheprovider \
         --junitxml="$results/pytest.xml" > "$results/pytest.log" 2>&1
-      rc=$?; unset SPARROW_AUTOTUNE; tail -30 "$results/pytest.log"; finish tests $rc ;;
+      rc=$?; tail -30 "$results/pytest.log"; finish tests $rc ;;
     memcheck)
       if command -v compute-sanitizer > /dev/null || [ -x "$CUDA_HOME/bin/compute-sanitizer" ]; then
         sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")

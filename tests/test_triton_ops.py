@@ -163,4 +163,4 @@ def test_autotune_off_keeps_the_first_fitting_tile(monkeypatch):
     tuned = prune()
     assert all(len(kept) > 1 for kept in tuned)
     monkeypatch.setenv("SPARROW_AUTOTUNE", "0")
-    assert [kept for kept in prune()] == [kept[:1] for kept in tuned]
+    assert list(prune()) == [kept[:1] for kept in tuned]

@@ -23,6 +23,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -318,11 +320,20 @@ struct Plan {
 // The most threads a block of `kernel` can have: its registers (fixed when it was compiled) against the SM's
 // register file. A launch above it fails with "too many resources requested for launch", as the backward's
 // block-per-row kernel did on an H200 (bf16, hidden 8192: 146-153 registers a thread at 512 threads).
-template <typename Kernel>
-int max_block_threads(Kernel kernel) {
+// Asked once per kernel and device (the launch is the hot path; the answer depends only on the code the
+// device runs), then read from a per-kernel table.
+template <auto kernel>
+int max_block_threads(int device) {
+  static std::array<std::atomic<int>, 64> known{};  // 0: not asked yet
+  const bool cached = device >= 0 && device < static_cast<int>(known.size());
+  if (cached) {
+    if (const int threads = known[device].load(std::memory_order_relaxed)) return threads;
+  }
   cudaFuncAttributes attr;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  return attr.maxThreadsPerBlock / kWarp * kWarp;
+  const int threads = attr.maxThreadsPerBlock / kWarp * kWarp;
+  if (cached) known[device].store(threads, std::memory_order_relaxed);
+  return threads;
 }
 
 // `block_threads`: max_block_threads of the block-per-row kernel that would run the row.
@@ -372,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
     auto launch = [&](auto has_res) {
       constexpr bool R = decltype(has_res)::value;
       const Plan plan = plan_for(hidden, x.element_size(), kItems,
-                                 max_block_threads(rms_norm_fwd_vec_kernel<scalar_t, false, R>),
+                                 max_block_threads<rms_norm_fwd_vec_kernel<scalar_t, false, R>>(x.get_device()),
                                  {&x, residual ? residual : &empty, &weight, &y, &summed});
       if (plan.vec && plan.warp_row) {
         const int64_t grid = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
@@ -427,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_y, c
     auto launch = [&](auto has_ds_t) {
       constexpr bool D = decltype(has_ds_t)::value;
       const Plan plan = plan_for(hidden, x.element_size(), kItemsBwd,
-                                 max_block_threads(rms_norm_bwd_vec_kernel<scalar_t, false, D>),
+                                 max_block_threads<rms_norm_bwd_vec_kernel<scalar_t, false, D>>(x.get_device()),
                                  {&grad_y, &x, &weight, &grad_x, &ds});
       const int64_t rows_per_step = plan.warp_row ? kWarpsPerBlock : 1;
       const int64_t grid = std::min<int64_t>((rows + rows_per_step - 1) / rows_per_step, 2 * sm_count(x.get_device()));

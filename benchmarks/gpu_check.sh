@@ -137,7 +137,7 @@ EOF
           rope) args=(--shapes 4x4096x16,8x8192x32); secs=90 ;;
           attention) args=(--seqlens 4096,16384,1024 --head-dims 128,64 --impl sparrow-triton --impl sparrow-cuda
                            --impl sdpa-flash --impl sdpa-cudnn --impl flash-attn); secs=240 ;;
-          train) args=(--presets 124m --variants reference,reference+compile,triton,cuda
+          train) args=(--presets 124m --variants reference,triton,cuda,reference+compile,triton+compile
                        --batch-size 8 --warmup 2 --steps 6 --no-transformers); secs=240 ;;
           moe) args=(); secs=90 ;;
         esac

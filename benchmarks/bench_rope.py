@@ -46,6 +46,7 @@ def implementations(device: str) -> dict:
         if device == "cuda":
             def liger(q, k, cos, sin):
                 # Liger wants (batch, heads, seq, head_dim) and full-width cos/sin; the layout change is a view.
+                # It writes the rotation into q and k themselves: timed as it runs, in place.
                 full_cos, full_sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
                 qo, ko = LigerRopeFunction.apply(q.transpose(1, 2), k.transpose(1, 2), full_cos, full_sin)
                 return qo.transpose(1, 2), ko.transpose(1, 2)
@@ -64,9 +65,11 @@ def bench_one(name, fn, batch, seq, heads, dtype, device, peak, warmup, rep):
     angles = positions[..., None].float() * (1.0 / 10000 ** (torch.arange(half, device=device) / half))
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     try:
-        with torch.no_grad():
-            got = fn(q, k, cos, sin)
         expected = reference.apply_rope(q, k, cos, sin)
+        with torch.no_grad():
+            # Clones: Liger rotates contiguous (batch, seq, heads, dim) inputs in place (its .contiguous() is then
+            # no copy), which would hand the reference already-rotated q and k.
+            got = fn(q.clone(), k.clone(), cos, sin)
         for a, b in zip(got, expected):
             assert_close(a, b, name=name)
     except Exception as exc:

@@ -72,6 +72,12 @@ def cuda_extension_wanted() -> bool:
     return True
 
 
+# sparrow._C throws c10 exceptions that libtorch catches and turns into Python errors; both sides must share one
+# C++ runtime. Where the toolchain's libstdc++.so link is missing (the H200 machine, g++ 13.3), g++ silently links
+# libstdc++.a into the extension and every TORCH_CHECK that fires kills the process. Naming the shared library
+# itself makes that link always dynamic.
+SHARED_CXX_RUNTIME = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+
 ext_modules = [bpe_extension]
 if cuda_extension_wanted():
     ext_modules.append(
@@ -86,6 +92,7 @@ if cuda_extension_wanted():
                 "cxx": ["-O3", "-fvisibility=hidden", "-DSPARROW_WITH_CUDA"],
                 "nvcc": ["-O3", "-DSPARROW_WITH_CUDA", "-lineinfo", "--expt-relaxed-constexpr", "--use_fast_math"],
             },
+            extra_link_args=SHARED_CXX_RUNTIME,
         )
     )
 

@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
-"""Why a sparrow._C op that raises its ValueError killed the process on the H200 (torch 2.11, Python 3.12,
-2026-12-04: a segmentation fault in tests/test_native_ops.py's argument-error tests) while the same code raises
-cleanly on the CPU machines, torch 2.11 and Python 3.12 included. Each probe runs in a child process and reports
-the exception it raised (ValueError is wanted) or the signal that ended it:
+"""Does a C++ exception thrown by a sparrow._C op reach Python as its ValueError?
+
+On the H200 machine (torch 2.11, Python 3.12, g++ 13.3, 2026-12-04) every such throw killed the process with a
+segmentation fault, while the CPU machines raised cleanly. This script found why: there g++ linked libstdc++
+*statically* into the extension (`readelf -d` listed no libstdc++.so.6; `__cxa_throw` was defined inside it), so the
+op threw with its own copy of the C++ runtime and libtorch, unwinding with the shared one, crashed. Extensions that
+name the shared runtime (`-l:libstdc++.so.6`, as setup.py now does for sparrow._C) raise normally there. The probes
+stay, so a new machine shows at once which case it is in. Each runs in a child process and reports the exception
+it raised or the signal that ended it:
 
 1. torch's own C++ argument check (a matmul shape mismatch): does any C++ exception reach Python there?
-2. sparrow._C's rms_norm_fwd with a weight of the wrong shape (the failing test's first call).
-3. a one-op extension built here by torch.utils.cpp_extension that throws TORCH_CHECK_VALUE, compiled with
-   -fvisibility=hidden (as sparrow._C's C++ files are) and without it.
+2. sparrow._C's rms_norm_fwd with a weight of the wrong shape (tests/test_native_ops.py's first bad call).
+3. a one-op extension built here by torch.utils.cpp_extension that throws TORCH_CHECK_VALUE, linked as the
+   toolchain chooses (`default_link`) and with the shared C++ runtime named (`shared_runtime`).
 
 It also prints the compilers and the C++ runtime each library loads. Writes JSON to --out.
 
@@ -43,8 +48,8 @@ TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) { m.impl("throw_value", throw_value); }
 
 BUILD = """
 import sys, torch.utils.cpp_extension as ext
-path = ext.load(name=sys.argv[1], sources=[sys.argv[2]], extra_cflags=sys.argv[3:], is_python_module=False,
-                build_directory=sys.argv[2].rsplit('/', 1)[0], verbose=False)
+path = ext.load(name=sys.argv[1], sources=[sys.argv[2]], extra_cflags=["-O3"], extra_ldflags=sys.argv[3:],
+                is_python_module=False, build_directory=sys.argv[2].rsplit('/', 1)[0], verbose=False)
 print(path)
 """
 
@@ -107,7 +112,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="sparrow-native-errors-"))
     builds = {}
-    for variant, flags in (("hidden", ["-O3", "-fvisibility=hidden"]), ("default", ["-O3"])):
+    for variant, flags in (("default_link", []), ("shared_runtime", ["-l:libstdc++.so.6"])):
         folder = work / variant
         folder.mkdir()
         source = folder / "probe.cpp"
@@ -116,14 +121,14 @@ def main() -> int:
                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for variant, proc in builds.items():
         out, err = proc.communicate(timeout=600)
-        key = f"probe_extension_{variant}_visibility"
+        key = f"probe_extension_{variant}"
         if proc.returncode != 0:
             result["probes"][key] = {"outcome": "build failed", "expected": "ValueError", "stderr_tail": err[-1500:]}
         else:
             path = out.strip().splitlines()[-1]
             code = (f"import torch; torch.ops.load_library({path!r}); "
                     f"torch.ops.sparrow_probe_{variant}.throw_value(torch.randn(2))")
-            result["probes"][key] = dict(run_child(code), expected="ValueError")
+            result["probes"][key] = dict(run_child(code), expected="ValueError", runtime=runtime_libs(path))
         print(f"{key}: {result['probes'][key]['outcome']}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
 

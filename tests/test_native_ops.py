@@ -5,6 +5,9 @@ the `cuda`-marked tests run the same checks on the GPU kernels.
 """
 
 import importlib
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -55,6 +58,23 @@ def test_native_argument_errors_are_value_errors(native):
         native.rms_norm_fwd(x.double(), torch.ones(8, dtype=torch.float64), 1e-6)
     with pytest.raises(ValueError, match="x: expected a contiguous"):
         native.rms_norm_fwd(torch.randn(8, 4).t(), torch.ones(8), 1e-6)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared libraries")
+def test_native_links_the_shared_cxx_runtime(native):
+    # A libstdc++ linked statically into sparrow._C (what g++ 13.3 did on the H200 machine) throws c10 errors
+    # with its own runtime, and libtorch, catching them with the shared one, crashed the process.
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) not found")
+    path = importlib.import_module("sparrow._C").__file__
+    dynamic = subprocess.run([readelf, "-d", "-W", path], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so.6]" in dynamic, dynamic
+    symbols = subprocess.run([readelf, "-s", "-W", "--dyn-syms", path], capture_output=True, text=True,
+                             check=True).stdout
+    defined = [line for line in symbols.splitlines()
+               if line.split() and line.split()[-1].split("@")[0] == "__cxa_throw" and " UND " not in line]
+    assert not defined, defined
 
 
 def test_native_op_works_under_torch_compile(native):

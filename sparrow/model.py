@@ -358,7 +358,9 @@ class Attention(nn.Module):
             rows = torch.arange(b, device=x.device).unsqueeze(1)
             k_cache[rows, slots] = k.to(k_cache.dtype)
             v_cache[rows, slots] = v.to(v_cache.dtype)
-            out = ops.attention_with_kv_cache(q, k_cache.to(q.dtype), v_cache.to(q.dtype), new_lengths, backend=self.backend)
+            # SparrowForCausalLM.forward has bounded the lengths (one sync per forward, not one per layer).
+            out = ops.attention_with_kv_cache(q, k_cache.to(q.dtype), v_cache.to(q.dtype), new_lengths,
+                                              backend=self.backend, check_lengths=False)
         elif cu_seqlens is None:
             out = ops.attention(q, k, v, causal=True, backend=self.backend)
         else:
@@ -562,8 +564,11 @@ class SparrowForCausalLM(nn.Module):
             if kv_cache.batch_size != b:
                 raise ValueError(f"kv_cache: holds {kv_cache.batch_size} rows but input_ids has {b}")
             position_ids = kv_cache.lengths.long().unsqueeze(1) + torch.arange(t, device=input_ids.device)
-            if int(position_ids[:, -1].max()) >= kv_cache.max_len:
-                raise ValueError(f"kv_cache: {t} new tokens overflow the cache of {kv_cache.max_len} positions")
+            # The layers' attention takes these lengths unchecked: this is the one host sync of a cached forward.
+            lengths_ok = (kv_cache.lengths >= 0) & (position_ids[:, -1] < kv_cache.max_len)
+            if not bool(lengths_ok.all()):
+                raise ValueError(f"kv_cache: {t} new tokens overflow the cache of {kv_cache.max_len} positions, or a "
+                                 f"length is negative (each must lie in [0, {kv_cache.max_len - t}])")
         elif position_ids is None:
             if cu_seqlens is None:
                 position_ids = torch.arange(t, device=input_ids.device)

@@ -57,6 +57,30 @@ def test_cache_overflow_and_mixing_with_packing_are_rejected(model):
         model(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache, cu_seqlens=torch.tensor([0, 2], dtype=torch.int32))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         KVCache(model.config, 1, 97)
+    # The layers take the lengths unchecked (no host sync per layer), so the model refuses bad ones up front.
+    cache.lengths = torch.tensor([-1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="negative"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+@pytest.mark.cuda
+def test_a_cached_decode_step_syncs_with_the_host_once():
+    # Each sync drains the GPU queue, so a check per layer made decoding launch-bound (82 tokens/s for a 124M
+    # model on an H200); the one that remains is the model's bound on the lengths.
+    torch.manual_seed(0)
+    config = SparrowConfig.from_preset("tiny", vocab_size=300, max_position_embeddings=96)
+    model = SparrowForCausalLM(config).cuda().eval()
+    cache = KVCache(config, 2, 32, device="cuda")
+    with torch.no_grad():
+        model(torch.zeros(2, 5, dtype=torch.long, device="cuda"), kv_cache=cache)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with pytest.warns(UserWarning) as syncs:
+                model(torch.zeros(2, 1, dtype=torch.long, device="cuda"), kv_cache=cache)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len([w for w in syncs if "synchroniz" in str(w.message)]) == 1, [str(w.message) for w in syncs]
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(model):

@@ -185,7 +185,8 @@ def test_moe_experts_reference_equals_per_token_sum():
 
 @pytest.mark.parametrize("arg, bad, match", [
     ("topk_ids", lambda a: a.float(), "topk_ids"),
-    ("topk_ids", lambda a: a + 10, "topk_ids"),
+    ("topk_ids", lambda a: a + 10, "expert ids must lie"),
+    ("topk_ids", lambda a: a - 10, "expert ids must lie"),
     ("topk_weights", lambda a: a[:, :1], "topk_weights"),
     ("w_down", lambda a: a[:, :, :-1], "w_down"),
     ("w_gate_up", lambda a: a.double(), "w_gate_up"),

@@ -368,7 +368,8 @@ class Attention(nn.Module):
                 q.reshape(b * t, self.num_heads, self.head_dim),
                 k.reshape(b * t, self.num_kv_heads, self.head_dim),
                 v.reshape(b * t, self.num_kv_heads, self.head_dim),
-                cu_seqlens, max_seqlen, causal=True, backend=self.backend,
+                # SparrowModel.forward has checked cu_seqlens once for all layers (a host sync each).
+                cu_seqlens, max_seqlen, causal=True, backend=self.backend, check_seqlens=False,
             )
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
@@ -479,6 +480,8 @@ class SparrowModel(nn.Module):
     def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None,
                 kv_cache: KVCache | None = None, router_logits: list[Tensor] | None = None) -> Tensor:
         """The final hidden states; MoE layers append their router logits to ``router_logits`` when given."""
+        if cu_seqlens is not None and isinstance(max_seqlen, int):
+            ops.check_cu_seqlens(cu_seqlens, input_ids.numel(), max_seqlen)  # once here, not in every layer
         hidden = self.embed_tokens(input_ids)
         if torch.is_autocast_enabled(hidden.device.type):
             # Autocast leaves the embedding in float32 but makes every projection bf16; a single dtype for the

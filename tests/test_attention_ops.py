@@ -182,9 +182,19 @@ def test_kernel_limits_raise_and_auto_falls_back(backend):
 def test_cu_seqlens_errors():
     q = torch.randn(6, 2, 32)
     for cu, match in ((torch.tensor([0, 4, 2, 6], dtype=torch.int32), "non-decreasing"),
+                      (torch.tensor([1, 3, 6], dtype=torch.int32), "start at 0"),
+                      (torch.tensor([0, 3, 9], dtype=torch.int32), "exceeds the 6 tokens"),
+                      (torch.tensor([0, 1, 6], dtype=torch.int32), "shorter than the longest document \\(5\\)"),
                       (torch.tensor([0, 3, 6], dtype=torch.int64), "int32")):
         with pytest.raises(ValueError, match=match):
             ops.attention_varlen(q, q, q, cu, 4)
+    # A model checks them once per forward; its layers then skip the check (a host sync each).
+    from sparrow import SparrowConfig, SparrowForCausalLM
+
+    model = SparrowForCausalLM(SparrowConfig.from_preset("tiny", vocab_size=64), backend="reference")
+    with pytest.raises(ValueError, match="non-decreasing"):
+        model(torch.zeros(1, 6, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 2, 6], dtype=torch.int32),
+              max_seqlen=4)
 
 
 def test_kv_cache_errors():

@@ -165,7 +165,8 @@ def _sparrow_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     if isinstance(attention_mask, CausalMask) and attention_mask.packed and position_ids is not None:
         cu_seqlens = cu_seqlens_from_position_ids(position_ids, b, t)
         out = ops.attention_varlen(q.reshape(b * t, h, d), k.reshape(b * t, -1, d), v.reshape(b * t, -1, d),
-                                   cu_seqlens, t, causal=True, scale=scaling, backend=backend)
+                                   cu_seqlens, t, causal=True, scale=scaling, backend=backend,
+                                   check_seqlens=False)  # built just above: valid, no document longer than t
         return out.reshape(b, t, h, d), None
     return ops.attention(q, k, v, causal=True, scale=scaling, backend=backend), None
 

@@ -35,6 +35,7 @@ __all__ = [
     "attention_varlen",
     "attention_with_kv_cache",
     "available_backends",
+    "check_cu_seqlens",
     "backend_error",
     "fused_add_rms_norm",
     "get_backend",
@@ -166,6 +167,23 @@ def attention(
     return resolve("attention", backend, q.device, (q, k, v, causal, scale))(q, k, v, causal, scale)
 
 
+def check_cu_seqlens(cu_seqlens: Tensor, tokens: int, max_seqlen: int) -> None:
+    """ValueError unless ``cu_seqlens`` starts at 0, never decreases, ends within ``tokens`` and has no document
+    longer than ``max_seqlen``. It reads the values back (one host sync; skipped under torch.compile, where it
+    would break the graph)."""
+    if torch.compiler.is_compiling() or cu_seqlens.numel() < 2:
+        return
+    lengths = cu_seqlens.diff()
+    start, last, shortest, longest = torch.stack(
+        [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
+    if start != 0 or shortest < 0:
+        _fail("cu_seqlens: must start at 0 and be non-decreasing")
+    if last > tokens:
+        _fail(f"cu_seqlens: last entry {last} exceeds the {tokens} tokens")
+    if longest > max_seqlen:
+        _fail(f"max_seqlen: {max_seqlen} is shorter than the longest document ({longest})")
+
+
 def attention_varlen(
     q: Tensor,
     k: Tensor,
@@ -176,12 +194,16 @@ def attention_varlen(
     scale: float | None = None,
     *,
     backend: str | None = None,
+    check_seqlens: bool = True,
 ) -> Tensor:
     """Attention over packed documents, as flash-attention's varlen API.
 
     q, k, v: (tokens, heads | kv_heads, head_dim); ``cu_seqlens`` int32 (docs + 1,), starting at 0 and
     non-decreasing, document i spanning tokens ``cu_seqlens[i]:cu_seqlens[i+1]``; ``max_seqlen`` the longest
     document. No token attends outside its document.
+
+    ``check_seqlens`` runs :func:`check_cu_seqlens` (one host sync); a model that checked them once per forward
+    passes False in its layers.
     """
     _check_qkv(q, k, v, 3, "(tokens, heads, head_dim)")
     if k.shape[0] != q.shape[0]:
@@ -193,15 +215,8 @@ def attention_varlen(
     _check_same_device("q", q, cu_seqlens=cu_seqlens)
     if not isinstance(max_seqlen, int) or max_seqlen < 1:
         _fail(f"max_seqlen: expected a positive int, got {max_seqlen!r}")
-    if not torch.compiler.is_compiling():
-        # These need the values, i.e. a host sync; under torch.compile they would break the graph.
-        lengths = cu_seqlens.diff()
-        if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()):
-            _fail("cu_seqlens: must start at 0 and be non-decreasing")
-        if int(cu_seqlens[-1]) > q.shape[0]:
-            _fail(f"cu_seqlens: last entry {int(cu_seqlens[-1])} exceeds the {q.shape[0]} tokens")
-        if int(lengths.max()) > max_seqlen:
-            _fail(f"max_seqlen: {max_seqlen} is shorter than the longest document ({int(lengths.max())})")
+    if check_seqlens:
+        check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     return resolve("attention_varlen", backend, q.device, (q, k, v, cu_seqlens, max_seqlen, causal, scale))(
         q, k, v, cu_seqlens, max_seqlen, causal, scale
     )

@@ -53,7 +53,9 @@ def reference_losses():
 def reference_attention(monkeypatch):
     for name in ("attention", "attention_varlen"):
         ref = getattr(ops.reference, name)
-        monkeypatch.setattr(ops, name, lambda *args, backend=None, _ref=ref, **kwargs: _ref(*args, **kwargs))
+        # backend and check_seqlens are the ops layer's, not the reference function's.
+        monkeypatch.setattr(ops, name, lambda *args, backend=None, check_seqlens=True, _ref=ref, **kwargs:
+                            _ref(*args, **kwargs))
 
 
 # Ids other than a bare "cuda", which conftest reads as the GPU-only marker: on CPU the cuda backend runs the

@@ -38,8 +38,56 @@ def test_rms_norm_opcheck(tb, dtype):
     torch.library.opcheck(tb._fused_add_rms_norm_fwd, (x, r, w, 1e-6))
     _, rstd = tb._rms_norm_fwd(x.detach(), w.detach(), 1e-6)
     dy = torch.randn_like(x.detach())
-    torch.library.opcheck(tb._rms_norm_bwd, (dy, x.detach(), w.detach(), rstd, None))
-    torch.library.opcheck(tb._rms_norm_bwd, (dy, x.detach(), w.detach(), rstd, torch.randn_like(dy)))
+    torch.library.opcheck(tb._rms_norm_bwd_op, (dy, x.detach(), w.detach(), rstd, None))
+    torch.library.opcheck(tb._rms_norm_bwd_op, (dy, x.detach(), w.detach(), rstd, torch.randn_like(dy)))
+
+
+def _fwd_bwd(fn, inputs, grad_seed=0):
+    """Outputs and input gradients of fn(*inputs) (tensors among them get fresh leaves)."""
+    leaves = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) else t for t in inputs]
+    outs = fn(*leaves)
+    g = torch.Generator(device=DEVICE).manual_seed(grad_seed)
+    grads = [torch.randn(o.shape, generator=g, device=DEVICE, dtype=o.dtype) for o in outs]
+    torch.autograd.backward(list(outs), grads)
+    return outs, [t.grad for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def test_eager_fast_path_matches_the_custom_op(tb):
+    # Eager calls skip torch's dispatcher (custom_ops.fast_path): the kernel directly, or an autograd.Function
+    # with the op's own setup and backward. Outputs and every gradient must be the custom op's exactly.
+    x, r = torch.randn(5, 72, device=DEVICE), torch.randn(5, 72, device=DEVICE)
+    w = torch.randn(72, device=DEVICE)
+    q, k, cos, sin = rope_inputs()
+    for fast, op, inputs in ((tb._rms_norm_fwd_fast, tb._rms_norm_fwd, (x, w, 1e-6)),
+                             (tb._fused_add_rms_norm_fwd_fast, tb._fused_add_rms_norm_fwd, (x, r, w, 1e-6)),
+                             (lambda *a: tb._rope_fast(*a, False), lambda *a: tb._rope_op(*a, False), (q, k, cos, sin))):
+        got, got_grads = _fwd_bwd(fast, inputs)
+        want, want_grads = _fwd_bwd(op, inputs)
+        assert "_eager" in type(got[0].grad_fn).__name__  # the Function, not the op's autograd node
+        for a, b in zip([*got, *got_grads], [*want, *want_grads]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        with torch.no_grad():
+            for a, b in zip(fast(*inputs), op(*inputs)):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fast_path_hands_traced_calls_to_the_custom_op(tb):
+    # Under a dispatch mode (what FakeTensorMode and make_fx are) the op itself runs, so a trace records it.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w = torch.randn(3, 40, device=DEVICE), torch.randn(40, device=DEVICE)
+    with Record() as seen:
+        tb._rms_norm_fwd_fast(x, w, 1e-6)
+    assert any("triton_rms_norm_fwd" in name for name in seen.ops), seen.ops
 
 
 def test_rope_opcheck(tb):

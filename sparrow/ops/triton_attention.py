@@ -3,7 +3,8 @@ and autograd, registered as the "triton" backend of ``attention``, ``attention_v
 ``attention_with_kv_cache``.
 
 The forward ops return the base-2 log-sum-exp beside the output so the backward can recompute the softmax
-without storing it; the backward ops are custom ops too, so ``torch.compile`` sees each launch as one node.
+without storing it; the backward ops are custom ops too, so ``torch.compile`` sees each launch as one node. Eager calls skip the
+dispatcher (:func:`.custom_ops.fast_path`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sparrow.kernels import decode as _decode
 
 from .custom_ops import check_triton_device as check_device
 from .custom_ops import default_scale as _scale
+from .custom_ops import fast_path
 from .custom_ops import register_attention_autograd
 from .custom_ops import unit_stride as _unit_stride
 from .registry import register
@@ -24,9 +26,11 @@ _DTYPES = (torch.bfloat16, torch.float16)
 
 
 # ------------------------------------------------------------------------------------------------- dense
-@torch.library.custom_op("sparrow::triton_attention_fwd", mutates_args=())
-def _fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     return _attn.attention_fwd(q, k, v, causal, scale)
+
+
+_fwd = torch.library.custom_op("sparrow::triton_attention_fwd", _fwd_impl, mutates_args=())
 
 
 @_fwd.register_fake
@@ -34,25 +38,30 @@ def _(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tens
     return q.new_empty(q.shape), q.new_empty(_attn.lse_shape(q, False), dtype=torch.float32)
 
 
-@torch.library.custom_op("sparrow::triton_attention_bwd", mutates_args=())
-def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-         scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return _attn.attention_bwd(do, q, k, v, out, lse, causal, scale)
 
 
-@_bwd.register_fake
+_bwd_op = torch.library.custom_op("sparrow::triton_attention_bwd", _bwd_impl, mutates_args=())
+
+
+@_bwd_op.register_fake
 def _(do, q, k, v, out, lse, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-register_attention_autograd("sparrow::triton_attention_fwd", _bwd)
+_bwd = fast_path(_bwd_op, _bwd_impl)
+_fwd_fast = fast_path(_fwd, _fwd_impl, *register_attention_autograd("sparrow::triton_attention_fwd", _bwd))
 
 
 # ------------------------------------------------------------------------------------------------ varlen
-@torch.library.custom_op("sparrow::triton_attention_varlen_fwd", mutates_args=())
-def _varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool,
-                scale: float) -> tuple[Tensor, Tensor]:
+def _varlen_fwd_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool,
+                     scale: float) -> tuple[Tensor, Tensor]:
     return _attn.attention_fwd(q, k, v, causal, scale, cu_seqlens, max_seqlen)
+
+
+_varlen_fwd = torch.library.custom_op("sparrow::triton_attention_varlen_fwd", _varlen_fwd_impl, mutates_args=())
 
 
 @_varlen_fwd.register_fake
@@ -60,9 +69,8 @@ def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     return q.new_empty(q.shape), q.new_empty(_attn.lse_shape(q, True), dtype=torch.float32)
 
 
-@torch.library.custom_op("sparrow::triton_attention_varlen_bwd", mutates_args=())
-def _varlen_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
-                max_seqlen: int, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _varlen_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
+                     max_seqlen: int, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _attn.attention_bwd(do, q, k, v, out, lse, causal, scale, cu_seqlens, max_seqlen)
     # Tokens past cu_seqlens[-1] belong to no document: their outputs are zero and so are their gradients.
     end = None if torch.compiler.is_compiling() else int(cu_seqlens[-1])
@@ -73,9 +81,15 @@ def _varlen_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     return dq, dk, dv
 
 
-@_varlen_bwd.register_fake
+_varlen_bwd_op = torch.library.custom_op("sparrow::triton_attention_varlen_bwd", _varlen_bwd_impl, mutates_args=())
+
+
+@_varlen_bwd_op.register_fake
 def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_varlen_bwd = fast_path(_varlen_bwd_op, _varlen_bwd_impl)
 
 
 def _varlen_setup(ctx, inputs, output) -> None:
@@ -92,17 +106,23 @@ def _varlen_backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
 
 
 _varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+_varlen_fwd_fast = fast_path(_varlen_fwd, _varlen_fwd_impl, _varlen_setup, _varlen_backward)
 
 
 # ------------------------------------------------------------------------------------------------ decode
-@torch.library.custom_op("sparrow::triton_attention_with_kv_cache", mutates_args=())
-def _kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float) -> Tensor:
+def _kvcache_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float) -> Tensor:
     return _decode.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+_kvcache = torch.library.custom_op("sparrow::triton_attention_with_kv_cache", _kvcache_impl, mutates_args=())
 
 
 @_kvcache.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, scale):
     return q.new_empty(q.shape)
+
+
+_kvcache_fast = fast_path(_kvcache, _kvcache_impl)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -138,17 +158,17 @@ def _check_kvcache(q, k_cache, v_cache, cache_seqlens, scale) -> None:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> Tensor:
-    return _fwd(q, k, v, bool(causal), _scale(q, scale))[0]
+    return _fwd_fast(q, k, v, bool(causal), _scale(q, scale))[0]
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool,
                      scale: float | None) -> Tensor:
-    return _varlen_fwd(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), _scale(q, scale))[0]
+    return _varlen_fwd_fast(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), _scale(q, scale))[0]
 
 
 def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                             scale: float | None) -> Tensor:
-    return _kvcache(q, k_cache, v_cache, cache_seqlens, _scale(q, scale))
+    return _kvcache_fast(q, k_cache, v_cache, cache_seqlens, _scale(q, scale))
 
 
 register("attention", "triton", attention, _check_attention)

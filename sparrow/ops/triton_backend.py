@@ -1,6 +1,7 @@
 """The "triton" backend's norm and rotary kernels (kernels/rms_norm.py, kernels/rope.py) as torch.library
 custom ops (so torch.compile treats each launch as one opaque node with a fake implementation) with autograd,
-registered as this backend's kernels; its attention lives in :mod:`.triton_attention`.
+registered as this backend's kernels; its attention lives in :mod:`.triton_attention`. Eager calls skip the
+dispatcher (:func:`.custom_ops.fast_path`); torch.compile sees the ops.
 
 Triton needs a GPU, or ``TRITON_INTERPRET=1`` to run its kernels on the CPU (slowly: that mode is for tests).
 A missing Triton makes the import fail, which the registry records as "backend unavailable", not an error.
@@ -16,6 +17,7 @@ from sparrow.kernels import rms_norm as _rms
 from sparrow.kernels import rope as _rope
 
 from .custom_ops import check_triton_device as check_device
+from .custom_ops import fast_path
 from .custom_ops import register_rope_autograd
 from .custom_ops import unit_stride as _unit_stride
 from .registry import register
@@ -27,10 +29,12 @@ def _check_last_dim_contiguous(name: str, t: Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- rms_norm
-@torch.library.custom_op("sparrow::triton_rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _rms_norm_fwd_impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     y, _, rstd = _rms.rms_norm_fwd(x, weight, eps)
     return y, rstd
+
+
+_rms_norm_fwd = torch.library.custom_op("sparrow::triton_rms_norm_fwd", _rms_norm_fwd_impl, mutates_args=())
 
 
 @_rms_norm_fwd.register_fake
@@ -38,10 +42,13 @@ def _(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-@torch.library.custom_op("sparrow::triton_fused_add_rms_norm_fwd", mutates_args=())
-def _fused_add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _fused_add_rms_norm_fwd_impl(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     y, summed, rstd = _rms.rms_norm_fwd(x, weight, eps, residual)
     return y, summed, rstd
+
+
+_fused_add_rms_norm_fwd = torch.library.custom_op("sparrow::triton_fused_add_rms_norm_fwd",
+                                                  _fused_add_rms_norm_fwd_impl, mutates_args=())
 
 
 @_fused_add_rms_norm_fwd.register_fake
@@ -49,16 +56,21 @@ def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, 
     return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-@torch.library.custom_op("sparrow::triton_rms_norm_bwd", mutates_args=())
-def _rms_norm_bwd(
+def _rms_norm_bwd_impl(
     grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, grad_sum: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     return _rms.rms_norm_bwd(grad_y, x, weight, rstd, grad_sum)
 
 
-@_rms_norm_bwd.register_fake
+_rms_norm_bwd_op = torch.library.custom_op("sparrow::triton_rms_norm_bwd", _rms_norm_bwd_impl, mutates_args=())
+
+
+@_rms_norm_bwd_op.register_fake
 def _(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, grad_sum: Tensor | None) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape), torch.empty_like(weight)
+
+
+_rms_norm_bwd = fast_path(_rms_norm_bwd_op, _rms_norm_bwd_impl)
 
 
 def _rms_norm_setup(ctx, inputs, output) -> None:
@@ -73,6 +85,7 @@ def _rms_norm_backward(ctx, grad_y: Tensor, _grad_rstd: Tensor):
 
 
 _rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+_rms_norm_fwd_fast = fast_path(_rms_norm_fwd, _rms_norm_fwd_impl, _rms_norm_setup, _rms_norm_backward)
 
 
 def _fused_setup(ctx, inputs, output) -> None:
@@ -89,6 +102,8 @@ def _fused_backward(ctx, grad_y: Tensor, grad_sum: Tensor, _grad_rstd: Tensor):
 
 
 _fused_add_rms_norm_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
+_fused_add_rms_norm_fwd_fast = fast_path(_fused_add_rms_norm_fwd, _fused_add_rms_norm_fwd_impl, _fused_setup,
+                                         _fused_backward)
 
 
 def _check_rms_norm(x: Tensor, weight: Tensor, eps: float) -> None:
@@ -109,12 +124,12 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    y, _ = _rms_norm_fwd(_rows(x), weight, float(eps))
+    y, _ = _rms_norm_fwd_fast(_rows(x), weight, float(eps))
     return y.view(x.shape)
 
 
 def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    y, summed, _ = _fused_add_rms_norm_fwd(_rows(x), _rows(residual), weight, float(eps))
+    y, summed, _ = _fused_add_rms_norm_fwd_fast(_rows(x), _rows(residual), weight, float(eps))
     return y.view(x.shape), summed.view(x.shape)
 
 
@@ -123,9 +138,11 @@ register("fused_add_rms_norm", "triton", fused_add_rms_norm, _check_fused_add_rm
 
 
 # -------------------------------------------------------------------------------------------------- rope
-@torch.library.custom_op("sparrow::triton_rope", mutates_args=())
-def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> tuple[Tensor, Tensor]:
+def _rope_impl(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> tuple[Tensor, Tensor]:
     return _rope.rope(q, k, cos, sin, backward=backward)
+
+
+_rope_op = torch.library.custom_op("sparrow::triton_rope", _rope_impl, mutates_args=())
 
 
 @_rope_op.register_fake
@@ -133,7 +150,9 @@ def _(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> tuple[T
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-register_rope_autograd("sparrow::triton_rope", _rope_op)
+# The backward rotation takes the fast path too (the op itself while tracing).
+_rope_setup, _rope_backward = register_rope_autograd("sparrow::triton_rope", fast_path(_rope_op, _rope_impl))
+_rope_fast = fast_path(_rope_op, _rope_impl, _rope_setup, _rope_backward)
 
 
 @torch.library.custom_op("sparrow::triton_rope_", mutates_args=("q", "k"))
@@ -151,7 +170,7 @@ def _check_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
 
 
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return _rope_op(q, k, cos, sin, False)
+    return _rope_fast(q, k, cos, sin, False)
 
 
 def apply_rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:

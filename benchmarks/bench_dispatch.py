@@ -6,7 +6,7 @@ before custom_ops.fast_path) against the fast path (the kernel function directly
 autograd.Function with them), and the whole public call (`sparrow.ops.*`: argument checks, backend resolution,
 fast path). Runs anywhere: CUDA tensors on a GPU, CPU tensors with TRITON_INTERPRET=1 otherwise.
 
-    python benchmarks/bench_dispatch.py [--calls 20000] [--out PATH]
+    python benchmarks/bench_dispatch.py [--quick] [--calls 20000] [--out PATH]
 
 Writes benchmarks/results/<device>/dispatch.json.
 """
@@ -85,9 +85,11 @@ def cases(device: str, dtype: torch.dtype):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calls", type=int, default=20000, help="calls per timed run (5 runs, median)")
+    p.add_argument("--calls", type=int, default=None, help="calls per timed run, 5 runs, median (default 20000)")
+    p.add_argument("--quick", action="store_true", help="2000 calls per run")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    args.calls = args.calls or (2000 if args.quick else 20000)
     if ops.backend_error("triton"):
         print(f"triton backend unavailable: {ops.backend_error('triton')}", file=sys.stderr)
         return 1

@@ -50,16 +50,12 @@ def fast_path(op: Callable, impl: Callable, setup: Callable | None = None,
     any tracing the op itself is called, so graphs keep one opaque node; ``opcheck`` tests the op itself."""
     function = None
     if setup is not None:
-        def forward(ctx, *args):
-            out = impl(*args)
-            setup(ctx, args, out)
-            return out
-
-        def function_backward(ctx, *grads):
-            return backward(ctx, *grads)
-
-        function = type(f"{getattr(impl, '__name__', 'op').strip('_')}_eager", (torch.autograd.Function,),
-                        {"forward": staticmethod(forward), "backward": staticmethod(function_backward)}).apply
+        # forward + setup_context, the same split as the op's registration (and what torch.func needs).
+        function = type(f"{getattr(impl, '__name__', 'op').strip('_')}_eager", (torch.autograd.Function,), {
+            "forward": staticmethod(impl),
+            "setup_context": staticmethod(setup),
+            "backward": staticmethod(backward),
+        }).apply
 
     def call(*args):
         if not _direct_call_ok(args):

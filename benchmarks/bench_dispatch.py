@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Host time of one Triton-backend op call, kernels left out: what the GPU waits on at small shapes and in
-decoding. The kernel launchers are replaced by stubs that return empty outputs, so what is timed is Sparrow's
-Python around a launch: through torch's dispatcher (the custom op called as such, what every eager call paid
+decoding. The Triton launchers are replaced by stubs that return empty outputs, so what is timed is Sparrow's
+Python around a launch (the cuda backend's native ops, which cannot be stubbed, run their kernels at tiny shapes): through torch's dispatcher (the custom op called as such, what every eager call paid
 before custom_ops.fast_path) against the fast path (the kernel function directly without gradients, an
 autograd.Function with them), and the whole public call (`sparrow.ops.*`: argument checks, backend resolution,
 fast path). Runs anywhere: CUDA tensors on a GPU, CPU tensors with TRITON_INTERPRET=1 otherwise.
@@ -78,6 +78,20 @@ def cases(device: str, dtype: torch.dtype):
            (x, r, w))
     yield ("apply_rope", lambda: ops.apply_rope(q, k, cos, sin, backend="triton"),
            lambda: tb._rope_fast(q, k, cos, sin, False), lambda: tb._rope_op(q, k, cos, sin, False), (q, k))
+    if ops.backend_error("cuda") is None:
+        # Native ops cannot be stubbed: their kernels run (tiny shapes, float32 on a CPU), the same in each column.
+        from sparrow.ops import cuda_backend as cb
+
+        native_dtype = torch.float32 if device == "cpu" else dtype
+        xf, wf, rf, qf, kf, cf, sf = (t.detach().to(native_dtype).clone() for t in (x, w, r, q, k, cos, sin))
+        native = torch.ops.sparrow_C
+        yield ("cuda rms_norm", lambda: ops.rms_norm(xf, wf, 1e-6, backend="cuda"),
+               lambda: cb._rms_norm_fwd(xf, wf, 1e-6), lambda: native.rms_norm_fwd(xf, wf, 1e-6), (xf, wf))
+        yield ("cuda fused_add_rms_norm", lambda: ops.fused_add_rms_norm(xf, rf, wf, 1e-6, backend="cuda"),
+               lambda: cb._fused_add_rms_norm_fwd(xf, rf, wf, 1e-6),
+               lambda: native.fused_add_rms_norm_fwd(xf, rf, wf, 1e-6), (xf, rf, wf))
+        yield ("cuda apply_rope", lambda: ops.apply_rope(qf, kf, cf, sf, backend="cuda"),
+               lambda: cb._rope(qf, kf, cf, sf, False), lambda: native.rope(qf, kf, cf, sf, False), (qf, kf))
     yield ("attention_with_kv_cache",
            lambda: ops.attention_with_kv_cache(qd, kc, vc, lengths, backend="triton", check_lengths=False),
            lambda: ta._kvcache_fast(qd, kc, vc, lengths, 0.125), lambda: ta._kvcache(qd, kc, vc, lengths, 0.125), ())
@@ -113,7 +127,7 @@ def main(argv=None) -> int:
     print()
     print_table(rows, ["op", "mode", "dispatcher_us", "fast_path_us", "sparrow_ops_us", "saved_us"])
     meta = {"benchmark": "dispatch", **device_info(), "calls": args.calls,
-            "method": "host time per call, kernels stubbed (outputs allocated, nothing launched); median of 5 runs "
+            "method": "host time per call, Triton kernels stubbed (outputs allocated, nothing launched), native (cuda backend) ops run at tiny shapes; median of 5 runs "
                       "of `calls` calls after warmup; dispatcher = the torch.library custom op called directly; "
                       "fast path = custom_ops.fast_path's direct call (no grad) or autograd.Function (grad); "
                       "sparrow_ops = the public sparrow.ops call with backend='triton'"}

@@ -148,6 +148,34 @@ def test_rope_round_trip(native, device):
     torch.testing.assert_close(k2, k, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", devices())
+def test_eager_fast_path_matches_the_native_op(native, device):
+    # Eager calls skip the Python autograd kernel (custom_ops.fast_path): the op below autograd without
+    # gradients, an autograd.Function with them. Outputs and every gradient must be the op's own exactly.
+    cb = importlib.import_module("sparrow.ops.cuda_backend")
+    x, r = torch.randn(5, 72, device=device), torch.randn(5, 72, device=device)
+    w = torch.randn(72, device=device)
+    q, k = torch.randn(2, 5, 4, 32, device=device), torch.randn(2, 5, 2, 32, device=device)
+    cos, sin = torch.randn(2, 5, 16, device=device), torch.randn(2, 5, 16, device=device)
+    for fast, op, inputs in ((cb._rms_norm_fwd, native.rms_norm_fwd, (x, w, 1e-6)),
+                             (cb._fused_add_rms_norm_fwd, native.fused_add_rms_norm_fwd, (x, r, w, 1e-6)),
+                             (cb._rope, native.rope, (q, k, cos, sin, False))):
+        results = []
+        for fn in (fast, op):
+            leaves = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t is not cos
+                      and t is not sin else t for t in inputs]
+            outs = fn(*leaves)
+            torch.autograd.backward(list(outs), [torch.ones_like(o) for o in outs])
+            results.append([*outs, *(t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad)])
+            if fn is fast:
+                assert "_eager" in type(outs[0].grad_fn).__name__
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        with torch.no_grad():
+            for a, b in zip(fast(*inputs), op(*inputs)):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_native_rope_and_fused_argument_errors(native):
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="residual"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .custom_ops import default_scale, register_attention_autograd
+from .custom_ops import below_autograd, default_scale, fast_path, register_attention_autograd
 from .registry import register, set_auto_order
 
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -46,7 +46,9 @@ if _has_op("attention_fwd") and _has_op("attention_bwd"):
         as is) is copied into fresh memory once."""
         return t if _vector_friendly(t) else t.clone(memory_format=torch.contiguous_format)
 
-    register_attention_autograd("sparrow_C::attention_fwd", torch.ops.sparrow_C.attention_bwd, prepare_grad=_vectors)
+    _attention_fwd = fast_path(torch.ops.sparrow_C.attention_fwd, below_autograd(torch.ops.sparrow_C.attention_fwd),
+                               *register_attention_autograd("sparrow_C::attention_fwd", torch.ops.sparrow_C.attention_bwd,
+                                                            prepare_grad=_vectors))
 
     def _check_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> None:
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -59,7 +61,7 @@ if _has_op("attention_fwd") and _has_op("attention_bwd"):
 
     def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> Tensor:
         q, k, v = (_vectors(t) for t in (q, k, v))
-        return torch.ops.sparrow_C.attention_fwd(q, k, v, bool(causal), default_scale(q, scale))[0]
+        return _attention_fwd(q, k, v, bool(causal), default_scale(q, scale))[0]
 
     register("attention", "cuda", attention, _check_attention)
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from sparrow import _C  # noqa: F401  (importing it registers torch.ops.sparrow_C)
 
-from .custom_ops import register_rope_autograd
+from .custom_ops import below_autograd, fast_path, register_rope_autograd
 from .registry import register
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,6 +52,9 @@ def _rms_norm_backward(ctx, grad_y: Tensor, _grad_rstd: Tensor):
 
 
 torch.library.register_autograd("sparrow_C::rms_norm_fwd", _rms_norm_backward, setup_context=_rms_norm_setup_context)
+# Eager calls skip the Python autograd kernel of the dispatcher (custom_ops.fast_path).
+_rms_norm_fwd = fast_path(torch.ops.sparrow_C.rms_norm_fwd, below_autograd(torch.ops.sparrow_C.rms_norm_fwd),
+                          _rms_norm_setup_context, _rms_norm_backward)
 
 _RMS_NORM_DEVICES = _native_devices("rms_norm_fwd")
 
@@ -68,7 +71,7 @@ def _check_rms_norm(x: Tensor, weight: Tensor, eps: float) -> None:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    y, _ = torch.ops.sparrow_C.rms_norm_fwd(x.reshape(-1, x.shape[-1]).contiguous(), weight, float(eps))
+    y, _ = _rms_norm_fwd(x.reshape(-1, x.shape[-1]).contiguous(), weight, float(eps))
     return y.view(x.shape)
 
 
@@ -98,6 +101,9 @@ def _fused_backward(ctx, grad_y: Tensor, grad_sum: Tensor, _grad_rstd: Tensor):
 torch.library.register_autograd(
     "sparrow_C::fused_add_rms_norm_fwd", _fused_backward, setup_context=_fused_setup_context
 )
+_fused_add_rms_norm_fwd = fast_path(torch.ops.sparrow_C.fused_add_rms_norm_fwd,
+                                    below_autograd(torch.ops.sparrow_C.fused_add_rms_norm_fwd),
+                                    _fused_setup_context, _fused_backward)
 
 _FUSED_DEVICES = _native_devices("fused_add_rms_norm_fwd")
 
@@ -110,7 +116,7 @@ def _check_fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: 
 
 def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     flat = (-1, x.shape[-1])
-    y, summed, _ = torch.ops.sparrow_C.fused_add_rms_norm_fwd(
+    y, summed, _ = _fused_add_rms_norm_fwd(
         x.reshape(flat).contiguous(), residual.reshape(flat).contiguous(), weight, float(eps)
     )
     return y.view(x.shape), summed.view(x.shape)
@@ -130,7 +136,8 @@ def _rope_inplace_fake(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward:
     return None
 
 
-register_rope_autograd("sparrow_C::rope", torch.ops.sparrow_C.rope)
+_rope = fast_path(torch.ops.sparrow_C.rope, below_autograd(torch.ops.sparrow_C.rope),
+                  *register_rope_autograd("sparrow_C::rope", torch.ops.sparrow_C.rope))
 
 _ROPE_DEVICES = _native_devices("rope")
 
@@ -146,7 +153,7 @@ def _check_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
 
 
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.ops.sparrow_C.rope(q, k, cos, sin, False)
+    return _rope(q, k, cos, sin, False)
 
 
 def apply_rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:

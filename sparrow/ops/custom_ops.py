@@ -67,6 +67,18 @@ def fast_path(op: Callable, impl: Callable, setup: Callable | None = None,
     return call
 
 
+def below_autograd(op: Callable) -> Callable:
+    """A native op called past its autograd kernel: for ``sparrow_C`` ops, whose autograd is registered from
+    Python, the plain kernel (``fast_path``'s ``impl`` for them)."""
+
+    def call(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    call.__name__ = getattr(op, "__name__", "native_op").replace(".", "_")
+    return call
+
+
 def register_attention_autograd(fwd_op: str, bwd: Callable,
                                 prepare_grad: Callable[[Tensor], Tensor] = unit_stride) -> tuple[Callable, Callable]:
     """Autograd for a dense attention op ``fwd_op(q, k, v, causal, scale) -> (out, lse)`` whose backward is

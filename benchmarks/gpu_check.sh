@@ -8,8 +8,8 @@
 #   native-errors  does an exception thrown in sparrow._C reach Python (benchmarks/gpu_native_errors.py)?
 #   tests     the kernel tests on the GPU (Triton and CUDA backends against the references), 8 pytest workers
 #   memcheck  the CUDA and Triton op tests under compute-sanitizer memcheck, at the tests' small shapes
-#   rmsnorm rope attention train moe
-#             the GPU benchmarks (JSON + plots; each writes its JSON after every row)
+#   rmsnorm rope attention train moe dispatch
+#             the GPU benchmarks (JSON + plots; each writes its JSON after every row; dispatch: host time per op call)
 # --brief: a GPU lent for minutes. Each stage has a time limit and the benchmarks sweep a few shapes rather than the
 # full grid; a stage that runs out of time is reported and the next one starts.
 # Results and logs go to RESULTS_DIR (default: benchmarks/results/gpu-check); when $OUT is set (the lent machine), the
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 brief=0
 if [ "${1:-}" = --brief ]; then brief=1; shift; fi
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(build ceilings native-errors tests memcheck rmsnorm rope attention train moe)
+[ ${#stages[@]} -gt 0 ] || stages=(build ceilings native-errors tests memcheck rmsnorm rope attention train moe dispatch)
 results=${RESULTS_DIR:-benchmarks/results/gpu-check}
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1 SPARROW_CUDA=1 SPARROW_REQUIRE_EXTENSIONS=1
@@ -129,7 +129,7 @@ EOF
         echo "compute-sanitizer not found" | tee "$results/memcheck.log"; rc=1
       fi
       finish memcheck $rc ;;
-    rmsnorm|rope|attention|train|moe)
+    rmsnorm|rope|attention|train|moe|dispatch)
       args=()
       if [ $brief = 1 ]; then
         case $stage in
@@ -139,7 +139,8 @@ EOF
                            --impl sdpa-flash --impl sdpa-cudnn --impl flash-attn); secs=240 ;;
           train) args=(--presets 124m --variants reference,triton,cuda,reference+compile,triton+compile
                        --batch-size 8 --warmup 2 --steps 6 --no-transformers); secs=240 ;;
-          moe) args=(); secs=90 ;;
+          moe) args=(); secs=150 ;;  # autotunes each new shape (90 s was not enough on the H200)
+          dispatch) args=(--calls 5000); secs=60 ;;
         esac
       fi
       $(limit ${secs:-0}) python3 "benchmarks/bench_$stage.py" --out "$results/$stage.json" "${args[@]}" \

@@ -4,6 +4,8 @@ variants for rows too long for registers, in-place RoPE and the argument errors.
 Without a GPU these run under TRITON_INTERPRET=1 (set by conftest), so shapes are kept small.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -88,6 +90,12 @@ def test_fast_path_hands_traced_calls_to_the_custom_op(tb):
     with Record() as seen:
         tb._rms_norm_fwd_fast(x, w, 1e-6)
     assert any("triton_rms_norm_fwd" in name for name in seen.ops), seen.ops
+    # Under a torch.func transform the op runs as well (vmap falls back to a loop over it): the kernel never
+    # sees functorch's wrapped tensors.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no batching rule", the fallback's notice
+        mapped = torch.func.vmap(lambda row: tb._rms_norm_fwd_fast(row[None], w, 1e-6)[0][0])(x)
+    torch.testing.assert_close(mapped, tb._rms_norm_fwd_fast(x, w, 1e-6)[0])
 
 
 def test_rope_opcheck(tb):

@@ -48,8 +48,9 @@ def fast_path(op: Callable, impl: Callable, setup: Callable | None = None,
     The dispatcher costs a custom op ~15 us of host time a call, ~30 us with its Python autograd (the 2-core CPU
     machine; a torch.autograd.Function: 4-5 us), and at small shapes and in decoding the GPU waits on exactly that
     host time. So outside tracing, ``impl`` runs directly when no gradient is wanted, and through an
-    autograd.Function wired with the op's own ``setup``/``backward`` when one is. Under torch.compile, export or
-    any tracing the op itself is called, so graphs keep one opaque node; ``opcheck`` tests the op itself."""
+    autograd.Function wired with the op's own ``setup``/``backward`` when one is. Under torch.compile, export,
+    any tracing or a torch.func transform the op itself is called (:func:`_direct_call_ok`), so graphs keep one
+    opaque node; ``opcheck`` tests the op itself."""
     function = None
     if setup is not None:
         # The ctx-taking forward, not forward + setup_context: the latter routes every apply through functorch's

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -148,6 +149,24 @@ def cu_seqlens_from_position_ids(position_ids: Tensor, batch: int, seq: int) -> 
     return torch.cat([boundaries, total]).to(torch.int32)
 
 
+# The last forward's position ids (a weak reference, its version counter, batch and length) and the cu_seqlens found
+# from them. Every layer's attention gets the same position_ids tensor, and finding the boundaries (nonzero) waits
+# on the GPU: computed once per forward instead of once per layer.
+_last_packing: tuple | None = None
+
+
+def _packed_cu_seqlens(position_ids: Tensor, batch: int, seq: int) -> Tensor:
+    global _last_packing
+    if torch.compiler.is_compiling():
+        return cu_seqlens_from_position_ids(position_ids, batch, seq)
+    last = _last_packing
+    if last is not None and last[0]() is position_ids and last[1:3] == (position_ids._version, (batch, seq)):
+        return last[3]
+    cu_seqlens = cu_seqlens_from_position_ids(position_ids, batch, seq)
+    _last_packing = (weakref.ref(position_ids), position_ids._version, (batch, seq), cu_seqlens)
+    return cu_seqlens
+
+
 def _sparrow_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
                        dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
     """transformers' attention-function signature: query (batch, heads, q_len, head_dim), key/value
@@ -163,7 +182,7 @@ def _sparrow_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     b, t, h, d = q.shape
     position_ids = kwargs.get("position_ids")
     if isinstance(attention_mask, CausalMask) and attention_mask.packed and position_ids is not None:
-        cu_seqlens = cu_seqlens_from_position_ids(position_ids, b, t)
+        cu_seqlens = _packed_cu_seqlens(position_ids, b, t)
         out = ops.attention_varlen(q.reshape(b * t, h, d), k.reshape(b * t, -1, d), v.reshape(b * t, -1, d),
                                    cu_seqlens, t, causal=True, scale=scaling, backend=backend,
                                    check_seqlens=False)  # built just above: valid, no document longer than t

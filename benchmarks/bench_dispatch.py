@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Host time of one Triton-backend op call, kernels left out: what the GPU waits on at small shapes and in
+"""Host time of one Sparrow op call, kernels left out: what the GPU waits on at small shapes and in
 decoding. The Triton launchers are replaced by stubs that return empty outputs, so what is timed is Sparrow's
-Python around a launch (the cuda backend's native ops, which cannot be stubbed, run their kernels at tiny shapes): through torch's dispatcher (the custom op called as such, what every eager call paid
+Python around a launch (the cuda backend's native ops, which cannot be stubbed, run their kernels at tiny
+shapes): through torch's dispatcher (the custom op called as such, what every eager call paid
 before custom_ops.fast_path) against the fast path (the kernel function directly without gradients, an
 autograd.Function with them), and the whole public call (`sparrow.ops.*`: argument checks, backend resolution,
 fast path). Runs anywhere: CUDA tensors on a GPU, CPU tensors with TRITON_INTERPRET=1 otherwise.
@@ -122,12 +123,14 @@ def main(argv=None) -> int:
                 row[name] = round(per_call_us(fn, args.calls), 2)
             row["saved_us"] = round(row["dispatcher_us"] - row["fast_path_us"], 2)
             rows.append(row)
-            print(f"{op:24s} {mode:7s} dispatcher {row['dispatcher_us']:6.1f} us, fast path {row['fast_path_us']:6.1f} us, "
+            print(f"{op:24s} {mode:7s} dispatcher {row['dispatcher_us']:6.1f} us, "
+                  f"fast path {row['fast_path_us']:6.1f} us, "
                   f"sparrow.ops {row['sparrow_ops_us']:6.1f} us", flush=True)
     print()
     print_table(rows, ["op", "mode", "dispatcher_us", "fast_path_us", "sparrow_ops_us", "saved_us"])
     meta = {"benchmark": "dispatch", **device_info(), "calls": args.calls,
-            "method": "host time per call, Triton kernels stubbed (outputs allocated, nothing launched), native (cuda backend) ops run at tiny shapes; median of 5 runs "
+            "method": "host time per call, Triton kernels stubbed (outputs allocated, nothing launched), native "
+                      "(cuda backend) ops run at tiny shapes; median of 5 runs "
                       "of `calls` calls after warmup; dispatcher = the torch.library custom op called directly; "
                       "fast path = custom_ops.fast_path's direct call (no grad) or autograd.Function (grad); "
                       "sparrow_ops = the public sparrow.ops call with backend='triton'"}

@@ -104,7 +104,7 @@ def test_opcheck_triton_attention():
     o, lse = ta._fwd(q, k, v, True, 0.2)
     # lse.detach(): the saved statistics are an input of the backward, not something to differentiate through
     # (opcheck's AOT test would otherwise ask for the backward's own backward).
-    _opcheck(ta._bwd_op, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), True, 0.2))
+    _opcheck(ta._bwd, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), True, 0.2))
 
 
 def test_opcheck_triton_varlen_and_decode():

@@ -40,8 +40,8 @@ def test_rms_norm_opcheck(tb, dtype):
     torch.library.opcheck(tb._fused_add_rms_norm_fwd, (x, r, w, 1e-6))
     _, rstd = tb._rms_norm_fwd(x.detach(), w.detach(), 1e-6)
     dy = torch.randn_like(x.detach())
-    torch.library.opcheck(tb._rms_norm_bwd_op, (dy, x.detach(), w.detach(), rstd, None))
-    torch.library.opcheck(tb._rms_norm_bwd_op, (dy, x.detach(), w.detach(), rstd, torch.randn_like(dy)))
+    torch.library.opcheck(tb._rms_norm_bwd, (dy, x.detach(), w.detach(), rstd, None))
+    torch.library.opcheck(tb._rms_norm_bwd, (dy, x.detach(), w.detach(), rstd, torch.randn_like(dy)))
 
 
 def _fwd_bwd(fn, inputs, grad_seed=0):

@@ -46,9 +46,10 @@ if _has_op("attention_fwd") and _has_op("attention_bwd"):
         as is) is copied into fresh memory once."""
         return t if _vector_friendly(t) else t.clone(memory_format=torch.contiguous_format)
 
+    _attention_autograd = register_attention_autograd("sparrow_C::attention_fwd", torch.ops.sparrow_C.attention_bwd,
+                                                      prepare_grad=_vectors)
     _attention_fwd = fast_path(torch.ops.sparrow_C.attention_fwd, below_autograd(torch.ops.sparrow_C.attention_fwd),
-                               *register_attention_autograd("sparrow_C::attention_fwd", torch.ops.sparrow_C.attention_bwd,
-                                                            prepare_grad=_vectors))
+                               *_attention_autograd)
 
     def _check_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> None:
         for name, t in (("q", q), ("k", k), ("v", v)):

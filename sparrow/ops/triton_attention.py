@@ -3,8 +3,8 @@ and autograd, registered as the "triton" backend of ``attention``, ``attention_v
 ``attention_with_kv_cache``.
 
 The forward ops return the base-2 log-sum-exp beside the output so the backward can recompute the softmax
-without storing it; the backward ops are custom ops too, so ``torch.compile`` sees each launch as one node. Eager calls skip the
-dispatcher (:func:`.custom_ops.fast_path`).
+without storing it; the backward ops are custom ops too, so ``torch.compile`` sees each launch as one node.
+Eager calls skip the dispatcher (:func:`.custom_ops.fast_path`): each op ``_x`` has its wrapper ``_x_fast``.
 """
 
 from __future__ import annotations
@@ -43,16 +43,16 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     return _attn.attention_bwd(do, q, k, v, out, lse, causal, scale)
 
 
-_bwd_op = torch.library.custom_op("sparrow::triton_attention_bwd", _bwd_impl, mutates_args=())
+_bwd = torch.library.custom_op("sparrow::triton_attention_bwd", _bwd_impl, mutates_args=())
 
 
-@_bwd_op.register_fake
+@_bwd.register_fake
 def _(do, q, k, v, out, lse, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-_bwd = fast_path(_bwd_op, _bwd_impl)
-_fwd_fast = fast_path(_fwd, _fwd_impl, *register_attention_autograd("sparrow::triton_attention_fwd", _bwd))
+_bwd_fast = fast_path(_bwd, _bwd_impl)
+_fwd_fast = fast_path(_fwd, _fwd_impl, *register_attention_autograd("sparrow::triton_attention_fwd", _bwd_fast))
 
 
 # ------------------------------------------------------------------------------------------------ varlen
@@ -81,15 +81,15 @@ def _varlen_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     return dq, dk, dv
 
 
-_varlen_bwd_op = torch.library.custom_op("sparrow::triton_attention_varlen_bwd", _varlen_bwd_impl, mutates_args=())
+_varlen_bwd = torch.library.custom_op("sparrow::triton_attention_varlen_bwd", _varlen_bwd_impl, mutates_args=())
 
 
-@_varlen_bwd_op.register_fake
+@_varlen_bwd.register_fake
 def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-_varlen_bwd = fast_path(_varlen_bwd_op, _varlen_bwd_impl)
+_varlen_bwd_fast = fast_path(_varlen_bwd, _varlen_bwd_impl)
 
 
 def _varlen_setup(ctx, inputs, output) -> None:
@@ -100,7 +100,7 @@ def _varlen_setup(ctx, inputs, output) -> None:
 
 def _varlen_backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd(_unit_stride(grad_out), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal,
+    dq, dk, dv = _varlen_bwd_fast(_unit_stride(grad_out), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal,
                              ctx.scale)
     return dq, dk, dv, None, None, None, None
 

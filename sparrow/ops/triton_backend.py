@@ -42,7 +42,8 @@ def _(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-def _fused_add_rms_norm_fwd_impl(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _fused_add_rms_norm_fwd_impl(x: Tensor, residual: Tensor, weight: Tensor,
+                                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
     y, summed, rstd = _rms.rms_norm_fwd(x, weight, eps, residual)
     return y, summed, rstd
 
@@ -62,15 +63,15 @@ def _rms_norm_bwd_impl(
     return _rms.rms_norm_bwd(grad_y, x, weight, rstd, grad_sum)
 
 
-_rms_norm_bwd_op = torch.library.custom_op("sparrow::triton_rms_norm_bwd", _rms_norm_bwd_impl, mutates_args=())
+_rms_norm_bwd = torch.library.custom_op("sparrow::triton_rms_norm_bwd", _rms_norm_bwd_impl, mutates_args=())
 
 
-@_rms_norm_bwd_op.register_fake
+@_rms_norm_bwd.register_fake
 def _(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, grad_sum: Tensor | None) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape), torch.empty_like(weight)
 
 
-_rms_norm_bwd = fast_path(_rms_norm_bwd_op, _rms_norm_bwd_impl)
+_rms_norm_bwd_fast = fast_path(_rms_norm_bwd, _rms_norm_bwd_impl)
 
 
 def _rms_norm_setup(ctx, inputs, output) -> None:
@@ -80,7 +81,7 @@ def _rms_norm_setup(ctx, inputs, output) -> None:
 
 def _rms_norm_backward(ctx, grad_y: Tensor, _grad_rstd: Tensor):
     x, weight, rstd = ctx.saved_tensors
-    grad_x, grad_w = _rms_norm_bwd(_unit_stride(grad_y), x, weight, rstd, None)
+    grad_x, grad_w = _rms_norm_bwd_fast(_unit_stride(grad_y), x, weight, rstd, None)
     return grad_x, grad_w, None
 
 
@@ -96,7 +97,7 @@ def _fused_setup(ctx, inputs, output) -> None:
 
 def _fused_backward(ctx, grad_y: Tensor, grad_sum: Tensor, _grad_rstd: Tensor):
     summed, weight, rstd = ctx.saved_tensors
-    grad_x, grad_w = _rms_norm_bwd(_unit_stride(grad_y), summed, weight, rstd, _unit_stride(grad_sum))
+    grad_x, grad_w = _rms_norm_bwd_fast(_unit_stride(grad_y), summed, weight, rstd, _unit_stride(grad_sum))
     # x and residual enter only through their sum: both get the same gradient.
     return grad_x, grad_x, grad_w, None
 

@@ -191,11 +191,44 @@ bool fill_items(PyObject** items, const uint32_t* id, size_t n) {
       if constexpr (!kPrepaidIds) Py_INCREF(v);
       items[i] = v;
     } else {
+      items[i] = nullptr;  // the slots may not be zeroed (new_id_list)
       all = false;
     }
   }
   return all;
 }
+
+// A new list of n slots for fill_items to write, GIL held. PyList_New zeroes its slots (calloc), a
+// pass over memory that fill_items then writes again; for the lists of a batch that pass ran serially
+// with the GIL held, before the parallel fill, and on fresh memory it is where the page faults landed.
+// Here the slots are left as they are and fill_items stores every one (NULL where it made no int), so
+// the memory is written once, by the filling thread. Until then the list must reach no Python code: its
+// callers fill it before returning it, keep the collector off it, and on failure set its size to 0
+// (abandon_unfilled) so that freeing it reads no slot. Builds where a list's layout is not CPython's
+// classic one (free-threaded) take PyList_New.
+PyObject* new_id_list(size_t n) {
+#if !defined(Py_GIL_DISABLED) && !defined(Py_LIMITED_API) && PY_VERSION_HEX < 0x030F0000
+  if (n == 0 || n > static_cast<size_t>(PY_SSIZE_T_MAX) / sizeof(PyObject*))
+    return PyList_New(static_cast<Py_ssize_t>(n));
+  auto** items = static_cast<PyObject**>(PyMem_Malloc(n * sizeof(PyObject*)));
+  if (!items) return PyErr_NoMemory();
+  PyObject* list = PyList_New(0);  // may run a collection: the slots are not attached yet
+  if (!list) {
+    PyMem_Free(items);
+    return nullptr;
+  }
+  auto* l = reinterpret_cast<PyListObject*>(list);
+  l->ob_item = items;
+  l->allocated = static_cast<Py_ssize_t>(n);
+  Py_SET_SIZE(l, static_cast<Py_ssize_t>(n));
+  return list;
+#else
+  return PyList_New(static_cast<Py_ssize_t>(n));
+#endif
+}
+
+// A list from new_id_list that will not be filled: empty, so that freeing it reads no slot.
+void abandon_unfilled(PyObject* list) { Py_SET_SIZE(reinterpret_cast<PyVarObject*>(list), 0); }
 
 // Makes the ints fill_items left out (GIL held). On failure the list keeps NULL slots, which freeing it
 // allows.
@@ -215,7 +248,7 @@ void fill_list(PyObject* list, const std::vector<uint32_t>& ids) {
 }
 
 py::list to_list(const std::vector<uint32_t>& ids) {
-  py::list list = py::reinterpret_steal<py::list>(PyList_New(static_cast<Py_ssize_t>(ids.size())));
+  py::list list = py::reinterpret_steal<py::list>(new_id_list(ids.size()));
   if (!list) throw py::error_already_set();
   fill_list(list.ptr(), ids);
   return list;
@@ -450,15 +483,26 @@ py::list to_lists(std::vector<std::vector<uint32_t>>& outs, size_t threads) {
     // Paused only while the GIL is held, so no other thread ever sees the collector off.
     CollectorPaused paused;
     for (size_t i = 0; i < count; ++i) {
-      PyObject* list = PyList_New(static_cast<Py_ssize_t>(outs[i].size()));
-      if (!list) throw py::error_already_set();
+      PyObject* list = new_id_list(outs[i].size());
+      if (!list) {
+        for (size_t k = 0; k < i; ++k) abandon_unfilled(lists[k]);
+        throw py::error_already_set();
+      }
       PyList_SET_ITEM(result.ptr(), static_cast<Py_ssize_t>(i), list);  // result owns it from here
       lists[i] = list;
-      if constexpr (kPrepaidIds) PyObject_GC_UnTrack(list);
+      PyObject_GC_UnTrack(list);  // unfilled slots: no collection may walk it before the fill
     }
   }
   if constexpr (!kPrepaidIds) {  // each store is an increment: keep them under the GIL
-    for (size_t i = 0; i < count; ++i) fill_list(lists[i], outs[i]);
+    size_t filled = 0;
+    try {
+      for (; filled < count; ++filled) fill_list(lists[filled], outs[filled]);
+    } catch (...) {
+      for (size_t k = filled + 1; k < count; ++k) abandon_unfilled(lists[k]);
+      for (PyObject* list : lists) PyObject_GC_Track(list);
+      throw;
+    }
+    for (PyObject* list : lists) PyObject_GC_Track(list);
     return result;
   }
   std::vector<char> partial(count, 0);

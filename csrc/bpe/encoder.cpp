@@ -11,6 +11,9 @@
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#if defined(__SSE4_1__)
+#include <smmintrin.h>
+#endif
 #endif
 
 #if defined(__linux__)
@@ -1109,16 +1112,48 @@ SPARROW_INLINE bool same_short(const unsigned char* a, const unsigned char* b, s
 constexpr int32_t kNoKey = INT32_MAX;
 constexpr uint8_t kEnd = 0xFF;
 
+// pminsd, SSE4.1's 32-bit signed minimum, takes one instruction where SSE2 needs four (compare, and,
+// andnot, or), and the merge loop's minimum is on the critical path of every merge (C++ loop, Chinese
+// with a trained 16k vocabulary: +4-7% cold and warm). The build targets baseline x86-64 (SSE2), so the
+// instruction is written as assembly and used where the CPU reports SSE4.1 (every x86-64 CPU since
+// 2008-2011).
+// SPARROW_BPE_SIMD=sse2 keeps the SSE2 sequence, so that tests can run both.
+#if defined(__SSE2__) && !defined(__SSE4_1__) && defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define SPARROW_BPE_PMINSD_AT_RUNTIME 1
+const bool kHavePminsd = [] {
+  __builtin_cpu_init();
+  const char* force = std::getenv("SPARROW_BPE_SIMD");
+  return __builtin_cpu_supports("sse4.1") && !(force && std::strcmp(force, "sse2") == 0);
+}();
+#endif
+
 // The smallest of key[0..n), n a positive multiple of 4, key 16-byte aligned.
 SPARROW_INLINE int32_t min_key(const int32_t* key, size_t n) {
 #if defined(__SSE2__)
-  // SSE2 has no 32-bit min (pminsd is SSE4.1): compare and blend.
-  auto vmin = [](__m128i a, __m128i b) {
-    const __m128i gt = _mm_cmpgt_epi32(a, b);
-    return _mm_or_si128(_mm_and_si128(gt, b), _mm_andnot_si128(gt, a));
+  const auto* v = reinterpret_cast<const __m128i*>(key);
+  __m128i b = _mm_load_si128(v);
+#if defined(SPARROW_BPE_PMINSD_AT_RUNTIME)
+  if (kHavePminsd) {
+    for (size_t i = 1; i < n / 4; ++i) {
+      __m128i x = _mm_load_si128(v + i);
+      asm("pminsd %1, %0" : "+x"(b) : "x"(x));
+    }
+    __m128i s = _mm_shuffle_epi32(b, _MM_SHUFFLE(1, 0, 3, 2));
+    asm("pminsd %1, %0" : "+x"(b) : "x"(s));
+    s = _mm_shuffle_epi32(b, _MM_SHUFFLE(2, 3, 0, 1));
+    asm("pminsd %1, %0" : "+x"(b) : "x"(s));
+    return _mm_cvtsi128_si32(b);
+  }
+#endif
+  auto vmin = [](__m128i a, __m128i c) {
+#if defined(__SSE4_1__)
+    return _mm_min_epi32(a, c);
+#else
+    const __m128i gt = _mm_cmpgt_epi32(a, c);
+    return _mm_or_si128(_mm_and_si128(gt, c), _mm_andnot_si128(gt, a));
+#endif
   };
-  __m128i b = _mm_load_si128(reinterpret_cast<const __m128i*>(key));
-  for (size_t i = 4; i < n; i += 4) b = vmin(b, _mm_load_si128(reinterpret_cast<const __m128i*>(key + i)));
+  for (size_t i = 1; i < n / 4; ++i) b = vmin(b, _mm_load_si128(v + i));
   b = vmin(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(1, 0, 3, 2)));
   b = vmin(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm_cvtsi128_si32(b);

@@ -169,14 +169,18 @@ constexpr uint32_t kNoRank = 0xFFFFFFFFu;
 // Merge ranks stay below kMaxRank (16.7M; the largest vocabularies have a few hundred thousand): bpe_small
 // packs a rank and a 7-bit position into one non-negative int32.
 constexpr uint32_t kMaxRank = (1u << 24) - 1;
-// Encoder::char_token_ entries: the token id (kNoRank: none) in the low word; whether the character may
-// start as its token whatever its left / right neighbour is; and, for a right neighbour that starts with a
-// lead byte, by which one (lead_group: E0-EF one each, C0-DF, F0-FF). Without kCharLeftAny the left
-// neighbour must end in a continuation byte (or be absent).
-constexpr uint64_t kCharLeftAny = uint64_t{1} << 32;
-constexpr uint64_t kCharRightAny = uint64_t{1} << 33;
-constexpr int kCharLeadShift = 34;
+// Encoder::char_token_ entries: CharToken::after has one bit per last byte b < 0xC0 of the left neighbour
+// (char_after_bit: bit b & 63 of after[b >> 6]; bytes below 0x20 share bit 31 of after[0]) that the
+// character may start as its tokens after. after[0]'s low bits, which no byte uses, hold the rest: after a
+// left neighbour ending in a lead byte (malformed UTF-8) too; before any right neighbour; before a right
+// neighbour starting with a lead byte, by which one (lead_group: E0-EF one each, C0-DF, F0-FF).
+constexpr uint64_t kCharLeftAny = uint64_t{1} << 0;
+constexpr uint64_t kCharRightAny = uint64_t{1} << 1;
+constexpr int kCharLeadShift = 2;
 constexpr int kLeadGroups = 18;
+constexpr int kCharControlBit = 31;
+static_assert(kCharLeadShift + kLeadGroups <= kCharControlBit, "flags overlap the byte bits");
+inline int char_after_bit(unsigned char b) { return b < 0x20 ? kCharControlBit : b & 63; }
 inline int lead_group(unsigned char b) { return b < 0xE0 ? 16 : b < 0xF0 ? b - 0xE0 : 17; }
 
 // One bit per hash bucket, set for every key of a table: a clear bit proves a key absent without the
@@ -502,29 +506,39 @@ void Encoder::finish(const std::vector<SpecialToken>& specials) {
 }
 
 // BPE of text in a script of multi-byte characters spends most of its merges putting each character's
-// bytes back together (o200k: most CJK characters are one token). A character c may start BPE as its
-// token T instead of its bytes when, run alone, c's bytes merge into T and every merge that could join a
-// symbol at c's edge with its neighbour (a symbol holding c's first byte with the one on its left, one
-// holding its last byte with the one on its right, T included) has a higher rank than every merge inside
-// c. Then, in any text, while c is incomplete some merge inside it outranks every merge across its edges,
-// so nothing crosses them before T exists, the merges elsewhere are chosen as they would be with T
-// already there (each ranks at most that pending inner merge, below every merge with T), and T forms:
-// BPE from T gives the same ids. Ties count as unsafe. The neighbours matter only through the byte next
-// to c, so each edge is checked twice: against every neighbour, and against the usual one inside a run
-// of multi-byte characters (a left neighbour ending in a continuation byte, a right one starting with a
-// lead byte); the encoder then uses T only where the text's byte there allows it (or c is at the edge of
-// the piece). Only 2- and 3-byte characters (U+0080-U+FFFF), from a table by code point (256 KiB), and
-// only when all 256 bytes are tokens (no byte is dropped next to c).
+// bytes back together (o200k: most CJK characters are one token). A character c may start BPE as the
+// tokens its bytes end as when merged alone, one token T or two tokens A B, instead of its bytes, when
+// every merge that could join a symbol at c's edge with its neighbour (a symbol holding c's first byte
+// with the one on its left, one holding its last byte with the one on its right, the final tokens
+// included) has a higher rank than every merge inside c. Then, in any text, while c is incomplete some
+// merge inside it outranks every merge across its edges, so nothing crosses them before c reaches its
+// final tokens, the merges elsewhere are chosen as they would be with those tokens already there (each
+// ranks at most that pending inner merge, below every merge with them), and c reaches them: BPE from
+// them gives the same ids. (A B do not merge with each other: c's own BPE stopped there.) Ties count as
+// unsafe. The neighbours matter only through the byte next to c, so the left edge is checked per last
+// byte of the left neighbour (a merge (L, R) counts against the bytes L ends in; control bytes below
+// 0x20 share one class) and against any neighbour, the right edge per lead byte the right neighbour
+// starts with (lead_group) and against any neighbour; the encoder then uses c's tokens only where the
+// text's bytes there allow it (or c is at the edge of the piece). Only 2- and 3-byte characters
+// (U+0080-U+FFFF), from a table by code point (32 bytes each, 2 MiB), and only when all 256 bytes are
+// tokens (no byte is dropped next to c).
 void Encoder::build_char_tokens() {
   char_token_.clear();
   for (bool present : byte_present_)
     if (!present) return;
   const Tables& t = *t_;
   const size_t nid = id_bytes_.size();
-  // The lowest rank of a merge with the id on its right (left neighbour: any / ending in a continuation
-  // byte) and on its left (right neighbour: any / starting with a lead byte, by lead_group).
-  std::vector<uint32_t> right_any(nid, kNoRank), right_cont(nid, kNoRank), left_any(nid, kNoRank);
+  // The lowest rank of a merge with the id on its right (left neighbour: any) and on its left (right
+  // neighbour: any / starting with a lead byte, by lead_group).
+  std::vector<uint32_t> right_any(nid, kNoRank), left_any(nid, kNoRank);
   std::vector<uint32_t> left_lead(nid * kLeadGroups, kNoRank);
+  // And by the left neighbour's last byte b < 0xC0, for the ids that can hold a character's first byte
+  // (they start with a lead byte and are at most 3 bytes long): (id, b, rank) triples, grouped by id below.
+  struct LeftMerge {
+    uint32_t id, rank;
+    uint8_t byte;
+  };
+  std::vector<LeftMerge> by_left_byte;
   for (const auto& slot : t.pairs) {
     if (slot.key == Tables::kEmpty) continue;
     const uint32_t l = static_cast<uint32_t>(slot.key >> 32), r = static_cast<uint32_t>(slot.key);
@@ -533,13 +547,19 @@ void Encoder::build_char_tokens() {
     const std::string& rb = id_bytes_[r];
     right_any[r] = std::min(right_any[r], slot.rank);
     left_any[l] = std::min(left_any[l], slot.rank);
-    if (!lb.empty() && (static_cast<unsigned char>(lb.back()) & 0xC0) == 0x80) right_cont[r] = std::min(right_cont[r], slot.rank);
+    if (!lb.empty() && static_cast<unsigned char>(lb.back()) < 0xC0 && !rb.empty() && rb.size() <= 3 &&
+        static_cast<unsigned char>(rb[0]) >= 0xC0)
+      by_left_byte.push_back({r, slot.rank, static_cast<uint8_t>(lb.back())});
     if (!rb.empty() && static_cast<unsigned char>(rb[0]) >= 0xC0) {
       uint32_t& v = left_lead[l * kLeadGroups + lead_group(static_cast<unsigned char>(rb[0]))];
       v = std::min(v, slot.rank);
     }
   }
-  std::vector<uint64_t> table(0x10000, kNoRank);
+  std::sort(by_left_byte.begin(), by_left_byte.end(), [](const LeftMerge& a, const LeftMerge& b) { return a.id < b.id; });
+  std::vector<uint32_t> first_left(nid + 1, 0);  // by_left_byte[first_left[id], first_left[id + 1]): id's
+  for (const LeftMerge& lm : by_left_byte) ++first_left[lm.id + 1];
+  for (size_t id = 0; id < nid; ++id) first_left[id + 1] += first_left[id];
+  std::vector<CharToken> table(0x10000, CharToken{kNoRank, kNoRank, {0, 0, 0}});
   bool any = false;
   for (uint32_t cp = 0x80; cp < 0x10000; ++cp) {
     if (cp >= 0xD800 && cp < 0xE000) continue;  // surrogates are not characters
@@ -550,28 +570,45 @@ void Encoder::build_char_tokens() {
     // BPE of c alone (lowest rank, leftmost first, as bpe_hashed), with the highest rank merged inside c
     // and, over every step, the lowest rank of a merge across each edge.
     uint32_t max_inside = 0;
-    uint32_t l_any = right_any[sym[0]], l_cont = right_cont[sym[0]];
+    uint32_t l_any = right_any[sym[0]];
+    uint32_t l_byte[0xC0];  // by the left neighbour's last byte
+    std::fill(std::begin(l_byte), std::end(l_byte), kNoRank);
+    auto fold_left = [&](uint32_t id) {
+      for (uint32_t k = first_left[id]; k < first_left[id + 1]; ++k)
+        l_byte[by_left_byte[k].byte] = std::min(l_byte[by_left_byte[k].byte], by_left_byte[k].rank);
+    };
+    fold_left(sym[0]);
     uint32_t r_any = left_any[sym[m - 1]];
     uint32_t r_lead[kLeadGroups];
     for (int g = 0; g < kLeadGroups; ++g) r_lead[g] = left_lead[sym[m - 1] * kLeadGroups + g];
+    bool settled = true;  // its BPE stopped because no pair merges
     while (m > 1) {
       size_t bi = 0;
       const Tables::PairSlot* p = t.next_merge(sym, m, &bi);
-      if (!p || p->merged >= nid) break;
+      if (!p) break;
+      if (p->merged >= nid) {
+        settled = false;
+        break;
+      }
       max_inside = std::max(max_inside, p->rank);
       sym[bi] = p->merged;
       for (size_t k = bi + 1; k + 1 < m; ++k) sym[k] = sym[k + 1];
       --m;
       l_any = std::min(l_any, right_any[sym[0]]);
-      l_cont = std::min(l_cont, right_cont[sym[0]]);
+      fold_left(sym[0]);
       r_any = std::min(r_any, left_any[sym[m - 1]]);
       for (int g = 0; g < kLeadGroups; ++g) r_lead[g] = std::min(r_lead[g], left_lead[sym[m - 1] * kLeadGroups + g]);
     }
-    if (m != 1 || sym[0] == kNoRank || max_inside >= l_cont) continue;  // (any <= cont)
-    uint64_t e = sym[0] | (max_inside < l_any ? kCharLeftAny : 0) | (max_inside < r_any ? kCharRightAny : 0);
+    if (m > 2 || !settled) continue;
+    CharToken c{sym[0], m == 2 ? sym[1] : kNoRank, {0, 0, 0}};
+    if (max_inside < l_any) c.after[0] |= kCharLeftAny;
+    if (max_inside < r_any) c.after[0] |= kCharRightAny;
     for (int g = 0; g < kLeadGroups; ++g)
-      if (max_inside < r_lead[g]) e |= uint64_t{1} << (kCharLeadShift + g);
-    table[cp] = e;
+      if (max_inside < r_lead[g]) c.after[0] |= uint64_t{1} << (kCharLeadShift + g);
+    const uint32_t control = *std::min_element(l_byte, l_byte + 0x20);  // bytes below 0x20: one class
+    for (unsigned k = 0; k < 0xC0; ++k)
+      if (max_inside < (k < 0x20 ? control : l_byte[k])) c.after[k >> 6] |= uint64_t{1} << char_after_bit(static_cast<unsigned char>(k));
+    table[cp] = c;
     any = true;
   }
   if (any) char_token_ = std::move(table);
@@ -1219,7 +1256,7 @@ size_t Encoder::bpe_small(const unsigned char* s, size_t n, uint64_t hash, uint3
   // raw[k]: the byte of a one-byte symbol, kCharSym for a character's token (see build_char_tokens).
   constexpr uint16_t kCharSym = 0x100;
   uint16_t raw[kSmall];
-  const uint64_t* chars = char_token_.empty() ? nullptr : char_token_.data();
+  const CharToken* chars = char_token_.empty() ? nullptr : char_token_.data();
   for (size_t i = 0; i < n;) {
     const unsigned char b = s[i];
     if (b >= 0xC2 && b < 0xF0 && chars) {
@@ -1235,13 +1272,19 @@ size_t Encoder::bpe_small(const unsigned char* s, size_t n, uint64_t hash, uint3
         len = 3;
         if (cp < 0x800) cp = kNoRank;  // overlong
       }
-      if (cp != kNoRank && static_cast<uint32_t>(chars[cp]) != kNoRank) {
-        const uint64_t e = chars[cp];
+      if (cp != kNoRank && chars[cp].first != kNoRank) {
+        const CharToken& c = chars[cp];
+        const uint64_t flags = c.after[0];
         const size_t j = i + len;
-        if ((i == 0 || (e & kCharLeftAny) || (s[i - 1] & 0xC0) == 0x80) &&
-            (j == n || (e & kCharRightAny) || (s[j] >= 0xC0 && ((e >> (kCharLeadShift + lead_group(s[j]))) & 1)))) {
+        const unsigned char before = i == 0 ? 0 : s[i - 1];
+        if ((i == 0 || (before < 0xC0 ? (c.after[before >> 6] >> char_after_bit(before)) & 1 : flags & kCharLeftAny)) &&
+            (j == n || (flags & kCharRightAny) || (s[j] >= 0xC0 && ((flags >> (kCharLeadShift + lead_group(s[j]))) & 1)))) {
           raw[m] = kCharSym;
-          sym[m++] = static_cast<uint32_t>(e);
+          sym[m++] = c.first;
+          if (c.second != kNoRank) {
+            raw[m] = kCharSym;
+            sym[m++] = c.second;
+          }
           i = j;
           continue;
         }

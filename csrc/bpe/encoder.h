@@ -129,10 +129,16 @@ class Encoder {
   std::vector<uint64_t> byte_pairs_;
   uint32_t byte_id_[256];
   bool byte_present_[256];
-  // char_token_[cp] (cp < 0x10000): the token that a 2- or 3-byte UTF-8 character becomes before any pair
-  // across its edges can merge, so BPE may start from it instead of its bytes, and next to which
-  // neighbours (see build_char_tokens); ~0u in the low word for the others. Empty when none qualifies.
-  std::vector<uint64_t> char_token_;
+  // char_token_[cp] (cp < 0x10000): the one or two tokens that a 2- or 3-byte UTF-8 character becomes
+  // before any pair across its edges can merge, so BPE may start from them instead of its bytes, and next
+  // to which neighbours (see build_char_tokens); `first` is ~0u for the others. Empty when none qualifies.
+  // 32 bytes, so that a character costs one cache line.
+  struct alignas(32) CharToken {
+    uint32_t first;
+    uint32_t second;      // ~0u when the character is one token
+    uint64_t after[3];    // which left / right neighbours allow it (kCharLeftAny, char_after_bit, ...)
+  };
+  std::vector<CharToken> char_token_;
   size_t num_merges_ = 0;
   std::vector<SpecialToken> specials_;
   std::unique_ptr<Tables> t_;

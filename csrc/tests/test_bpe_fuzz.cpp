@@ -82,13 +82,14 @@ std::vector<uint32_t> naive_bpe(const bpe_test::TinyVocab& v, const std::string&
   }
 }
 
-// BPE that starts a multi-byte character as its token (Encoder::build_char_tokens) must give the ids
-// of textbook BPE from bytes. Vocabularies over a few 2- and 3-byte characters, a space and a letter,
-// whose merges (inside characters, across their edges at every byte, between whole characters) come in
-// random order, so that some characters qualify everywhere, some only inside runs of multi-byte
-// characters, some nowhere; random pieces of up to 30 characters through the array path.
+// BPE that starts a multi-byte character as its one or two tokens (Encoder::build_char_tokens) must give
+// the ids of textbook BPE from bytes. Vocabularies over a few 2- and 3-byte characters, a space, a letter
+// and two control characters, whose merges (inside characters, across their edges at every byte, between
+// whole characters) come in random order, so that some characters qualify everywhere, some only after
+// some bytes, some nowhere, and some end as two tokens; random pieces of up to 30 characters through the
+// array path.
 void fuzz_char_tokens(std::mt19937& rng) {
-  const std::vector<std::string> units = {"\xC3\xA9", "\xC3\xB6", "\xE4\xB8\xAD", "\xE6\x96\x87", " ", "a"};
+  const std::vector<std::string> units = {"\xC3\xA9", "\xC3\xB6", "\xE4\xB8\xAD", "\xE6\x96\x87", " ", "a", "\n", "\t"};
   std::vector<std::pair<std::string, std::string>> candidates = {
       {"\xC3", "\xA9"}, {"\xC3", "\xB6"}, {"\xE4", "\xB8"}, {"\xE4\xB8", "\xAD"}, {"\xB8", "\xAD"}, {"\xE4", "\xB8\xAD"},
       {"\xE6", "\x96"}, {"\xE6\x96", "\x87"}, {"\x96", "\x87"}, {"\xE6", "\x96\x87"},
@@ -96,7 +97,8 @@ void fuzz_char_tokens(std::mt19937& rng) {
       {"\xA9", " "}, {"\xAD", "a"}, {"a", "\xE6"}, {"\xE4\xB8", "\xAD\xE4"},
       {"\xC3\xA9", "\xC3\xB6"}, {"\xE4\xB8\xAD", "\xE6\x96\x87"}, {"\xE6\x96\x87", "\xE4\xB8\xAD"},
       {"\xE4\xB8\xAD", " "}, {" ", "\xE4\xB8\xAD"}, {"a", "\xC3\xA9"}, {"\xC3\xB6", "\xE4\xB8\xAD"}, {"\xAD", "\xE4\xB8"},
-      {"a", " "}, {" ", "a"}, {"\xC3\xA9", " "}, {"\xE6\x96\x87", "a"}, {"\xC3\xB6", "\xE6"}};
+      {"a", " "}, {" ", "a"}, {"\xC3\xA9", " "}, {"\xE6\x96\x87", "a"}, {"\xC3\xB6", "\xE6"},
+      {"\n", "\xE4"}, {"\t", "\xE6"}, {"\t", "\xC3"}, {"\xAD", "\n"}, {"\n", "\xE4\xB8\xAD"}};
   for (int round = 0; round < 600; ++round) {
     std::shuffle(candidates.begin(), candidates.end(), rng);
     bpe_test::TinyVocab v({});

@@ -368,6 +368,34 @@ def test_batch_equals_single(vocabs):
     assert tok.encode_batch([]) == []
 
 
+def test_id_lists_are_ordinary_lists(vocabs):
+    """The binding gives its id lists slots it writes once instead of PyList_New's zeroed ones: the lists
+    must behave as any list (grow, shrink, sort, copy, compare, be collected) and be tracked by the
+    collector, from one text and from a batch, empty or not."""
+    import gc
+    import sys
+
+    tok, _ = vocabs[NAMES[-1]]
+    texts = corpus_samples()[:8] + ["", "a"]
+    batch = tok.encode_ordinary_batch(texts, num_threads=2)
+    for text, ids in zip(texts, batch):
+        single = tok.encode_ordinary(text)
+        expected, n = list(single), len(single)
+        for got in (single, ids):
+            assert type(got) is list and gc.is_tracked(got)
+            assert got == expected and all(type(x) is int for x in got)
+            size = sys.getsizeof(got)
+            got.append(-1)
+            got.extend(range(100))
+            assert got[n] == -1 and len(got) == n + 101 and sys.getsizeof(got) >= size
+            del got[n:]
+            assert got == expected
+            got.sort()
+            assert got == sorted(expected)
+    del batch
+    gc.collect()
+
+
 def test_batch_lists_leave_the_collector_as_found(vocabs):
     """encode_ordinary_batch pauses CPython's cyclic collector while it makes its lists and fills them
     without the GIL: the collector's state is restored, the lists are tracked again (a cycle built

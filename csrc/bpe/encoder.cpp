@@ -1164,36 +1164,38 @@ const bool kHavePminsd = [] {
 }();
 #endif
 
+#if defined(__SSE2__)
+// The smallest lane of v[0..groups), with `vmin` the lane-wise minimum of two vectors.
+template <class VectorMin>
+SPARROW_INLINE int32_t min_lane(const __m128i* v, size_t groups, VectorMin vmin) {
+  __m128i b = _mm_load_si128(v);
+  for (size_t i = 1; i < groups; ++i) b = vmin(b, _mm_load_si128(v + i));
+  b = vmin(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(1, 0, 3, 2)));
+  b = vmin(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(b);
+}
+#endif
+
 // The smallest of key[0..n), n a positive multiple of 4, key 16-byte aligned.
 SPARROW_INLINE int32_t min_key(const int32_t* key, size_t n) {
 #if defined(__SSE2__)
   const auto* v = reinterpret_cast<const __m128i*>(key);
-  __m128i b = _mm_load_si128(v);
 #if defined(SPARROW_BPE_PMINSD_AT_RUNTIME)
   if (kHavePminsd) {
-    for (size_t i = 1; i < n / 4; ++i) {
-      __m128i x = _mm_load_si128(v + i);
-      asm("pminsd %1, %0" : "+x"(b) : "x"(x));
-    }
-    __m128i s = _mm_shuffle_epi32(b, _MM_SHUFFLE(1, 0, 3, 2));
-    asm("pminsd %1, %0" : "+x"(b) : "x"(s));
-    s = _mm_shuffle_epi32(b, _MM_SHUFFLE(2, 3, 0, 1));
-    asm("pminsd %1, %0" : "+x"(b) : "x"(s));
-    return _mm_cvtsi128_si32(b);
+    return min_lane(v, n / 4, [](__m128i a, __m128i c) {
+      asm("pminsd %1, %0" : "+x"(a) : "x"(c));
+      return a;
+    });
   }
 #endif
-  auto vmin = [](__m128i a, __m128i c) {
+  return min_lane(v, n / 4, [](__m128i a, __m128i c) {
 #if defined(__SSE4_1__)
     return _mm_min_epi32(a, c);
 #else
     const __m128i gt = _mm_cmpgt_epi32(a, c);
     return _mm_or_si128(_mm_and_si128(gt, c), _mm_andnot_si128(gt, a));
 #endif
-  };
-  for (size_t i = 1; i < n / 4; ++i) b = vmin(b, _mm_load_si128(v + i));
-  b = vmin(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(1, 0, 3, 2)));
-  b = vmin(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(b);
+  });
 #else
   int32_t best = kNoKey;
   for (size_t i = 0; i < n; ++i) best = key[i] < best ? key[i] : best;

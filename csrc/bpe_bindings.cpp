@@ -206,6 +206,15 @@ bool fill_items(PyObject** items, const uint32_t* id, size_t n) {
 // callers fill it before returning it, keep the collector off it, and on failure set its size to 0
 // (abandon_unfilled) so that freeing it reads no slot. Builds where a list's layout is not CPython's
 // classic one (free-threaded) take PyList_New.
+#if !defined(Py_GIL_DISABLED) && !defined(Py_LIMITED_API) && PY_VERSION_HEX < 0x030F0000
+constexpr bool kUnzeroedLists = true;
+#else
+constexpr bool kUnzeroedLists = false;
+#endif
+// Builds whose ids are not prepaid (free-threaded) fill their lists under the GIL with increments; their
+// lists come zeroed from PyList_New, so an unfilled one may be freed as it is.
+static_assert(kPrepaidIds || !kUnzeroedLists, "unzeroed lists are only filled on the prepaid path");
+
 PyObject* new_id_list(size_t n) {
 #if !defined(Py_GIL_DISABLED) && !defined(Py_LIMITED_API) && PY_VERSION_HEX < 0x030F0000
   if (n == 0 || n > static_cast<size_t>(PY_SSIZE_T_MAX) / sizeof(PyObject*))
@@ -473,8 +482,8 @@ class CollectorPaused {
 // and storing the shared ints writes nothing to them (prepaid counts), so the fill, a gather of one
 // pointer per id, runs in parallel. The lists are untracked while they are filled, so a collection
 // started by another thread meanwhile never walks a list being written. Each text's ids are freed by
-// the thread that fills its list. (If a list failed to be made, the ones before it are freed untracked,
-// which CPython allows.)
+// the thread that fills its list. (If a list failed to be made, the ones before it are emptied and freed
+// untracked, which CPython allows.)
 py::list to_lists(std::vector<std::vector<uint32_t>>& outs, size_t threads) {
   const size_t count = outs.size();
   py::list result(count);
@@ -490,19 +499,11 @@ py::list to_lists(std::vector<std::vector<uint32_t>>& outs, size_t threads) {
       }
       PyList_SET_ITEM(result.ptr(), static_cast<Py_ssize_t>(i), list);  // result owns it from here
       lists[i] = list;
-      PyObject_GC_UnTrack(list);  // unfilled slots: no collection may walk it before the fill
+      if constexpr (kPrepaidIds) PyObject_GC_UnTrack(list);
     }
   }
-  if constexpr (!kPrepaidIds) {  // each store is an increment: keep them under the GIL
-    size_t filled = 0;
-    try {
-      for (; filled < count; ++filled) fill_list(lists[filled], outs[filled]);
-    } catch (...) {
-      for (size_t k = filled + 1; k < count; ++k) abandon_unfilled(lists[k]);
-      for (PyObject* list : lists) PyObject_GC_Track(list);
-      throw;
-    }
-    for (PyObject* list : lists) PyObject_GC_Track(list);
+  if constexpr (!kPrepaidIds) {  // each store is an increment: keep them under the GIL (zeroed lists)
+    for (size_t i = 0; i < count; ++i) fill_list(lists[i], outs[i]);
     return result;
   }
   std::vector<char> partial(count, 0);

@@ -28,6 +28,13 @@ process's CPU time (the latter is less disturbed by other jobs), and ratios are 
 
     python benchmarks/bench_bpe.py                  # 5 MB per text, 3 rounds
     python benchmarks/bench_bpe.py --quick          # 1 MB per text, 1 round, no HF tokenizers
+    python benchmarks/bench_bpe.py --premapped-heap 64 --warm 0 --no-threads \
+        --out benchmarks/results/cpu-x86_64/bpe_premapped_heap.json   # every library on the same heap
+
+A cold pass keeps its ids, so its lists land wherever the C heap has room; with no free heap they cost a page
+fault per 4 KiB, and how much free heap a process has after loading depends on its library's loader (see
+``premap_heap``). ``--premapped-heap`` gives every worker the same free, mapped heap: a second view of the
+cold rows, without that difference, never a replacement for them.
 
 Writes benchmarks/results/<device>/bpe.json ({"meta", "rows", "plot"}, the format `python -m benchmarks`
 plots).
@@ -77,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--no-hf", action="store_true", help="skip HF tokenizers (slow)")
     p.add_argument("--no-threads", action="store_true", help="skip the thread-scaling rows")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/bpe.json)")
+    p.add_argument("--premapped-heap", type=int, default=0, metavar="MB",
+                   help="give every worker MB of mapped, free C heap before its cold pass (glibc; see "
+                        "premap_heap), so that no library's cold pass pays page faults for its output lists")
     p.add_argument("--worker", nargs=4, metavar=("LIB", "VOCAB", "TEXT", "DATA"), help=argparse.SUPPRESS)
     p.add_argument("--threads-worker", nargs=3, metavar=("VOCAB", "TEXT", "DATA"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -233,7 +243,31 @@ def _cpu() -> float:
     return time.thread_time()
 
 
-def worker(lib: str, vocab: str, text: str, data: Path, warm: int) -> dict:
+def premap_heap(mb: int) -> None:
+    """Leaves `mb` megabytes of touched, free memory in the C heap, kept there for the process's life.
+
+    A cold pass that keeps its ids holds lists of 8 bytes per id (20 MB for 5 MB of code with GPT-2), and
+    wherever the heap has no free memory they land on fresh pages, one page fault per 4 KiB (~1 us each on
+    the 2-core bench machine: a tenth of a cold pass). Whether there is free memory depends on what the
+    library's loader happened to allocate and free: fastokens' leaves 18-28 MB of free heap after loading
+    (glibc's mallinfo2), Sparrow's and tiktoken's 0-3 MB. With this, every library gets the same heap:
+    glibc's trimming off (freed memory stays mapped), blocks up to 32 MiB (its ceiling) from the heap instead
+    of their own mappings, and `mb` megabytes allocated, written and freed after the library is loaded
+    (importing Sparrow, which brings torch, takes ~65 MB of heap: set aside before it, the memory was gone).
+    """
+    import ctypes
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        raise LookupError("--premapped-heap needs glibc's mallopt")
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise LookupError("mallopt refused the heap settings")
+    blocks = [b"\x01" * 65536 for _ in range(mb * 16)]  # bytes are malloc'd (never calloc'd), so written
+    del blocks
+
+
+def worker(lib: str, vocab: str, text: str, data: Path, warm: int, premapped_heap: int = 0) -> dict:
     docs = pickle.loads((data / f"{text}.pkl").read_bytes())
     mb = sum(len(d.encode()) for d in docs) / 1e6
     try:
@@ -241,6 +275,8 @@ def worker(lib: str, vocab: str, text: str, data: Path, warm: int) -> dict:
     except (LookupError, ImportError) as exc:
         return {"skipped": str(exc)}
     encode(WARMUP)
+    if premapped_heap:  # after loading: imports and loaders would take the free memory first
+        premap_heap(premapped_heap)
     # Python's cyclic GC would otherwise run during the timed passes, walking every object the imports made
     # (torch among them) in time that belongs to no encoder; off for every library alike.
     gc.collect()
@@ -394,7 +430,8 @@ def main(args) -> int:
                 results: dict[str, list[dict]] = {lib: [] for lib in libs}
                 for r in range(rounds):
                     for lib in (libs if r % 2 == 0 else libs[::-1]):
-                        res = run_worker(["--worker", lib, vocab, text, str(data), "--warm", str(args.warm)])
+                        res = run_worker(["--worker", lib, vocab, text, str(data), "--warm", str(args.warm),
+                                          "--premapped-heap", str(args.premapped_heap)])
                         results[lib].append(res)
                 digests = {lib: rs[0].get("digest") for lib, rs in results.items() if rs and "digest" in rs[0]}
                 ref = digests.get(reference_lib) or digests.get("sparrow")
@@ -432,12 +469,15 @@ def main(args) -> int:
                             scal = " ".join(f"{k}t {v:6.1f}" for k, v in res[name].items())
                             print(f"{vocab:8s} {text:8s} sparrow {name:9s} threads (warm MB/s): {scal}", flush=True)
 
+    if args.premapped_heap:
+        print(f"\nevery worker had {args.premapped_heap} MB of mapped, free heap before its cold pass (--premapped-heap)")
     print_tables(rows, thread_rows, vocabs, text_names, libs)
     result = {
         "meta": {
             "benchmark": "bpe", "device": device_name(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "commit": commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "quick": args.quick, "rounds": rounds, "warm_passes": args.warm, "mb_per_text": nbytes / 1e6,
+            "premapped_heap_mb": args.premapped_heap,
             "versions": {"python": platform.python_version(), "sparrow": version("sparrow-llm"),
                          **{p: version(p) for p in ("fastokens", "bpe-openai", "tiktoken", "tokenizers")}},
             "method": "MB/s of UTF-8 input, one thread. cold = one encode_ordinary call per document over text the "
@@ -469,6 +509,8 @@ def print_tables(rows, thread_rows, vocabs, texts, libs):
     for key, label in (("cold_wall", "COLD, one thread, wall"), ("cold_cpu", "COLD, one thread, CPU time"),
                        ("warm_wall", "WARM (same text again), one thread, wall"),
                        ("decode_cpu", "DECODE (ids -> str, text MB/s), one thread, CPU time")):
+        if not any(r.get(f"mb_per_s_{key}") for r in rows):  # no warm passes asked for (--warm 0)
+            continue
         print(f"\n{label} (MB/s); ratio = Sparrow / fastest peer with identical ids"
               + (" and an exact round trip" if key == "decode_cpu" else ""))
         header = f"{'vocab':8s} {'text':8s} | " + " ".join(f"{lib:>10s}" for lib in libs) + " | ratio"
@@ -504,7 +546,7 @@ if __name__ == "__main__":
     ARGS = parse_args()
     if ARGS.worker:
         lib, vocab, text, data = ARGS.worker
-        print(json.dumps(worker(lib, vocab, text, Path(data), ARGS.warm)))
+        print(json.dumps(worker(lib, vocab, text, Path(data), ARGS.warm, ARGS.premapped_heap)))
         sys.exit(0)
     if ARGS.threads_worker:
         vocab, text, data = ARGS.threads_worker

@@ -28,7 +28,7 @@ process's CPU time (the latter is less disturbed by other jobs), and ratios are 
 
     python benchmarks/bench_bpe.py                  # 5 MB per text, 3 rounds
     python benchmarks/bench_bpe.py --quick          # 1 MB per text, 1 round, no HF tokenizers
-    python benchmarks/bench_bpe.py --premapped-heap 64 --warm 0 --no-threads \
+    python benchmarks/bench_bpe.py --premapped-heap 64 --warm 1 --no-threads \
         --out benchmarks/results/cpu-x86_64/bpe_premapped_heap.json   # every library on the same heap
 
 A cold pass keeps its ids, so its lists land wherever the C heap has room; with no free heap they cost a page

@@ -207,6 +207,7 @@ bool fill_items(PyObject** items, const uint32_t* id, size_t n) {
 // (abandon_unfilled) so that freeing it reads no slot. Builds where a list's layout is not CPython's
 // classic one (free-threaded) take PyList_New.
 #if !defined(Py_GIL_DISABLED) && !defined(Py_LIMITED_API) && PY_VERSION_HEX < 0x030F0000
+#define SPARROW_UNZEROED_LISTS 1  // a macro too: new_id_list reaches into PyListObject, absent elsewhere
 constexpr bool kUnzeroedLists = true;
 #else
 constexpr bool kUnzeroedLists = false;
@@ -216,7 +217,7 @@ constexpr bool kUnzeroedLists = false;
 static_assert(kPrepaidIds || !kUnzeroedLists, "unzeroed lists are only filled on the prepaid path");
 
 PyObject* new_id_list(size_t n) {
-#if !defined(Py_GIL_DISABLED) && !defined(Py_LIMITED_API) && PY_VERSION_HEX < 0x030F0000
+#if defined(SPARROW_UNZEROED_LISTS)
   if (n == 0 || n > static_cast<size_t>(PY_SSIZE_T_MAX) / sizeof(PyObject*))
     return PyList_New(static_cast<Py_ssize_t>(n));
   auto** items = static_cast<PyObject**>(PyMem_Malloc(n * sizeof(PyObject*)));

@@ -206,15 +206,13 @@ bool fill_items(PyObject** items, const uint32_t* id, size_t n) {
 // callers fill it before returning it, keep the collector off it, and on failure set its size to 0
 // (abandon_unfilled) so that freeing it reads no slot. Builds where a list's layout is not CPython's
 // classic one (free-threaded) take PyList_New.
+// (A macro, not a constant: new_id_list reaches into PyListObject, absent from the other builds.)
 #if !defined(Py_GIL_DISABLED) && !defined(Py_LIMITED_API) && PY_VERSION_HEX < 0x030F0000
-#define SPARROW_UNZEROED_LISTS 1  // a macro too: new_id_list reaches into PyListObject, absent elsewhere
-constexpr bool kUnzeroedLists = true;
-#else
-constexpr bool kUnzeroedLists = false;
-#endif
+#define SPARROW_UNZEROED_LISTS 1
 // Builds whose ids are not prepaid (free-threaded) fill their lists under the GIL with increments; their
 // lists come zeroed from PyList_New, so an unfilled one may be freed as it is.
-static_assert(kPrepaidIds || !kUnzeroedLists, "unzeroed lists are only filled on the prepaid path");
+static_assert(kPrepaidIds, "unzeroed lists are only filled on the prepaid path");
+#endif
 
 PyObject* new_id_list(size_t n) {
 #if defined(SPARROW_UNZEROED_LISTS)
